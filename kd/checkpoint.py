@@ -1,0 +1,121 @@
+"""Resumable checkpoints on top of ``accelerator.save_state``.
+
+Layout: ``<output_dir>/checkpoints/step_00000120/`` holds Accelerate's state (model, optimizer, scheduler, RNG
+states; DeepSpeed's shards when it runs) plus ``kd_state.json`` with the position in training. A checkpoint is
+written under ``step_XXXXXXXX.partial`` and renamed only after every process has finished writing and the state
+file is on disk, so a job killed mid-write leaves a ``.partial`` dir that is never resumed from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "kd_state.json"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands; enough to continue exactly where it stopped.
+
+    epoch: the epoch in progress; batches_in_epoch: per-process batches of it already consumed;
+    completed_steps: optimizer steps done over the whole run.
+    """
+
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    completed_steps: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to a temp file beside ``path``, fsync, then rename: readers see the old or the new file whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Saves, finds, prunes and restores checkpoints under ``<output_dir>/checkpoints``."""
+
+    def __init__(self, output_dir: str, total_limit: int | None = None):
+        self.root = os.path.join(output_dir, "checkpoints")
+        self.total_limit = total_limit or None
+
+    def completed(self) -> list[str]:
+        """Finished checkpoints, oldest first (a dir counts only with its name final and its state file present)."""
+        if not os.path.isdir(self.root):
+            return []
+        found = []
+        for name in os.listdir(self.root):
+            m = _NAME.match(name)
+            if m and os.path.isfile(os.path.join(self.root, name, STATE_FILE)):
+                found.append((int(m.group(1)), os.path.join(self.root, name)))
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> str | None:
+        done = self.completed()
+        return done[-1] if done else None
+
+    def resolve(self, resume_from: str | None) -> str | None:
+        """Map ``--resume_from_checkpoint`` to a checkpoint dir, or None to start fresh."""
+        if resume_from is None:
+            return None
+        if resume_from == "latest":
+            path = self.latest()
+            if path is None:
+                logger.warning("--resume_from_checkpoint latest: no checkpoint under %s yet, starting fresh.", self.root)
+            return path
+        if not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
+            raise FileNotFoundError(
+                f"{resume_from} is not a finished checkpoint (no {STATE_FILE}); it may have been cut off mid-write. "
+                f"Finished ones: {self.completed() or 'none'}."
+            )
+        return resume_from
+
+    def save(self, accelerator, state: TrainState) -> str:
+        """Save on every process (DeepSpeed shards its state), publish atomically on the main process."""
+        final = os.path.join(self.root, f"step_{state.completed_steps:08d}")
+        partial = final + ".partial"
+        if accelerator.is_main_process:
+            os.makedirs(self.root, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # leftover of a run killed mid-write
+        accelerator.wait_for_everyone()
+        accelerator.save_state(partial)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(os.path.join(partial, STATE_FILE), state.to_json())
+            if os.path.isdir(final):  # same step saved twice (e.g. preemption right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._prune()
+            logger.info("Saved checkpoint %s", final)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load(self, accelerator, path: str) -> TrainState:
+        accelerator.load_state(path)
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = TrainState(**json.load(f))
+        logger.info("Resumed from %s at epoch %d, batch %d, step %d",
+                    path, state.epoch, state.batches_in_epoch, state.completed_steps)
+        return state
+
+    def _prune(self) -> None:
+        if self.total_limit is None:
+            return
+        for old in self.completed()[: -self.total_limit]:
+            shutil.rmtree(old, ignore_errors=True)

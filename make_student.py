@@ -1,0 +1,46 @@
+"""Make a student by keeping a selection of a teacher's layers (DistilBERT-style initialisation).
+
+    python make_student.py --teacher_name_or_path runs/teacher --layers 2,4,6 --output_dir runs/student_init
+    python make_student.py --teacher_name_or_path deepset/roberta-base-squad2 --layers every_other --output_dir s
+
+Layers are 1-based block numbers (0 is the embedding output, always kept). The student keeps the teacher's
+tokenizer, embeddings and heads (a QA head too, when the teacher has one), and loads with from_pretrained.
+"""
+
+import argparse
+import json
+import os
+
+from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
+
+from kd.student import parse_layer_selection, student_from_teacher_layers
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher_name_or_path", required=True)
+    parser.add_argument("--layers", required=True, help="Block numbers to keep, e.g. '2,4,6', or 'every_other'.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--head", default="qa", choices=["qa", "none"],
+                        help="qa: keep/initialise a QA head (AutoModelForQuestionAnswering); none: bare encoder.")
+    args = parser.parse_args(argv)
+
+    config = AutoConfig.from_pretrained(args.teacher_name_or_path)
+    try:
+        layers = parse_layer_selection(args.layers, config.num_hidden_layers)
+    except ValueError as e:
+        parser.error(str(e))
+    auto = AutoModelForQuestionAnswering if args.head == "qa" else AutoModel
+    teacher = auto.from_pretrained(args.teacher_name_or_path)
+    student = student_from_teacher_layers(teacher, layers)
+    os.makedirs(args.output_dir, exist_ok=True)
+    student.save_pretrained(args.output_dir)
+    AutoTokenizer.from_pretrained(args.teacher_name_or_path).save_pretrained(args.output_dir)
+    with open(os.path.join(args.output_dir, "student_origin.json"), "w") as f:
+        json.dump({"teacher": args.teacher_name_or_path, "teacher_layers_kept": layers}, f, indent=2)
+    print(f"student with teacher blocks {layers} of {config.num_hidden_layers} saved to {args.output_dir} "
+          f"({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters)")
+
+
+if __name__ == "__main__":
+    main()
