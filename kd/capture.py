@@ -124,10 +124,10 @@ class LayerCapture:
         self.layers = tuple(sorted(set(layers)))
         self._check_layers()
         self.captured = Captured()
-        self._pending: dict[int, dict[str, torch.Tensor]] = {}
+        self._pending: dict[int, dict] = {}  # layer -> q/k/v of the running forward, and its attention module
         self._handles: list = []
         # Record only while the encoder's forward runs: gradient checkpointing replays layers during backward,
-        # which would otherwise overwrite the tensors the loss was built from.
+        # and what the replay produces must neither replace the tensors the loss was built from nor linger.
         self._recording = False
 
     @property
@@ -205,6 +205,8 @@ class LayerCapture:
 
     def _on_forward_end(self, module, args, output) -> None:
         self._recording = False
+        for m, pending in self._pending.items():
+            self._finish_layer(m, pending)
         self._pending.clear()
 
     def _on_encoder_input(self, module, args, kwargs) -> None:
@@ -221,27 +223,25 @@ class LayerCapture:
         return hook
 
     def _projection_hook(self, m: int, slot: str, attention: nn.Module):
+        # Only views here, no arithmetic: these hooks run inside gradient-checkpointed layers, and any op that
+        # saves tensors for backward would make the replay (where the hook does nothing) save fewer, which
+        # non-reentrant checkpointing rejects. The scores are computed once the encoder's forward is over.
         def hook(module, args, output):
-            if not self._recording:
-                return
-            pending = self._pending.setdefault(m, {})
-            pending[slot] = split_heads(output, attention.attention_head_size)
-            self._maybe_finish_layer(m, attention)
+            if self._recording:
+                self._pending.setdefault(m, {"attention": attention})[slot] = split_heads(
+                    output, attention.attention_head_size)
 
         return hook
 
-    def _maybe_finish_layer(self, m: int, attention: nn.Module) -> None:
-        pending = self._pending[m]
-        needed = {"q", "k", "v"} if "qkv" in self.what else {"q", "k"}
-        if not needed <= pending.keys():
+    def _finish_layer(self, m: int, pending: dict) -> None:
+        if not {"q", "k"} <= pending.keys():  # the forward stopped early (it raised)
             return
         q, k = pending["q"], pending["k"]
         if "scores" in self.what:
             # The scaling the model itself uses (d_head ** -0.5), so the scores match its attention exactly.
-            self.captured.attention_scores[m] = torch.matmul(q, k.transpose(-1, -2)) * attention.scaling
-        if "qkv" in self.what:
+            self.captured.attention_scores[m] = torch.matmul(q, k.transpose(-1, -2)) * pending["attention"].scaling
+        if "qkv" in self.what and "v" in pending:
             self.captured.qkv[m] = (q, k, pending["v"])
-        del self._pending[m]
 
 
 def split_heads(x: torch.Tensor, head_size: int) -> torch.Tensor:

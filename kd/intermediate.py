@@ -77,8 +77,8 @@ class IntermediateDistiller(nn.Module):
     separate W_e for the embeddings, created only when student and teacher widths differ. Why shared rather than
     one per layer: the residual stream keeps one basis through the layers, so one map into the teacher's basis is
     a consistent constraint, it is the paper's recipe (its hyperparameters transfer), and it adds one matrix
-    whatever the map. The embeddings get their own map because they are not yet in the Transformer's basis
-    (no attention has mixed them) and carry their own weight.
+    whatever the map. W_e is kept separate as in the paper, so the embedding term (own weight) can be switched
+    off without touching the map the hidden layers learn through.
     """
 
     def __init__(
@@ -96,10 +96,10 @@ class IntermediateDistiller(nn.Module):
         self.layer_map = layer_map
         self.teacher_dims = teacher if isinstance(teacher, TeacherDims) else TeacherDims.from_config(teacher)
         self.loss_kind = loss_kind
-        self.student_hidden_size = base_encoder(student)[0].config.hidden_size
-        student_heads = base_encoder(student)[0].config.num_attention_heads
+        student_config = base_encoder(student)[0].config
+        self.student_hidden_size = student_config.hidden_size
         self._check_layer_map()
-        self.weights = self._resolve_weights(loss_kind, weights or {}, student_heads)
+        self.weights = self._resolve_weights(loss_kind, weights or {}, student_config.num_attention_heads)
         self.relation_heads = self._resolve_relation_heads(relation_heads)
         self.hidden_projection = self._projection_if_needed("hidden")
         self.embedding_projection = self._projection_if_needed("embedding")
