@@ -81,7 +81,8 @@ def main(argv=None):
             if args.max_eval_samples:
                 eval_examples = eval_examples.select(range(min(args.max_eval_samples, len(eval_examples))))
             eval_features = prepare_eval_features(eval_examples, tokenizer, **window)
-    inputs = {c: train_features.with_format("numpy")[c].astype(np.int32) for c in model_input_columns(train_features)}
+    numpy_features = train_features.with_format("numpy")
+    inputs = {c: np.asarray(numpy_features[c], dtype=np.int32) for c in model_input_columns(train_features)}
     columns = {**inputs, "start_positions": np.asarray(train_features["start_positions"]),
                "end_positions": np.asarray(train_features["end_positions"])}
     accelerator.print(f"train: {len(train_examples)} questions -> {len(train_features)} features; "
@@ -102,7 +103,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- student, optimizer, prepare
     model = AutoModelForQuestionAnswering.from_pretrained(args.model_name_or_path)
-    train_dataloader, sampler = make_train_dataloader(TensorDictDataset(columns), args.per_device_train_batch_size,
+    train_dataloader = make_train_dataloader(TensorDictDataset(columns), args.per_device_train_batch_size,
                                                       args.seed)
     optimizer = make_optimizer(model, args)
     eval_dataloader = make_eval_dataloader(eval_features, args.per_device_eval_batch_size) if eval_features else None
@@ -132,7 +133,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- train
     result = run_training(accelerator, args, model=model, optimizer=optimizer, scheduler=scheduler,
-                          train_dataloader=train_dataloader, sampler=sampler, compute_loss=compute_loss,
+                          train_dataloader=train_dataloader, compute_loss=compute_loss,
                           evaluate=evaluate if eval_dataloader is not None else None, total_steps=total_steps)
 
     # ---------------------------------------------------------------- save

@@ -98,6 +98,8 @@ def _publish(entry: str, start: np.ndarray, end: np.ndarray, meta: dict) -> None
         np.save(os.path.join(tmp, "end_logits.npy"), end)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
+        if os.path.isdir(entry) and not os.path.isfile(os.path.join(entry, "meta.json")):
+            shutil.rmtree(entry, ignore_errors=True)  # debris of an interrupted writer
         try:
             os.rename(tmp, entry)
         except OSError:

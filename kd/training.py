@@ -137,11 +137,15 @@ def batch_is_ready(batch):
     return batch
 
 
-def make_train_dataloader(dataset: Dataset, batch_size: int, seed: int) -> tuple[DataLoader, EpochSampler]:
+def make_train_dataloader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled by EpochSampler; pass it to accelerator.prepare, and run_training sets the epoch."""
     sampler = EpochSampler(len(dataset), seed)
     collate = batch_is_ready if hasattr(dataset, "__getitems__") else None
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
-    return loader, sampler
+    # A private generator: creating an iterator draws a base seed from it, and drawing from the global RNG
+    # instead would shift dropout masks after a resume (the resumed run creates one iterator more).
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=False,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,7 +270,6 @@ def run_training(
     optimizer,
     scheduler,
     train_dataloader: DataLoader,
-    sampler: EpochSampler,
     compute_loss: Callable[[torch.nn.Module, dict], dict],
     evaluate: Callable[[], dict] | None = None,
     total_steps: int,
@@ -307,9 +310,11 @@ def run_training(
     last_checkpoint, saved_at = resume_path, state.completed_steps if resume_path else -1
     with PreemptionFlag() as preemption:
         while state.completed_steps < total_steps and state.epoch < num_epochs:
-            sampler.set_epoch(state.epoch)
             loader = (accelerator.skip_first_batches(train_dataloader, state.batches_in_epoch)
                       if state.batches_in_epoch else train_dataloader)
+            # Accelerate's loader re-sets its sampler's epoch from its own iteration counter on each pass, and a
+            # fresh skipping loader counts from 0: tell it which epoch this is.
+            loader.set_epoch(state.epoch)
             model.train()
             accumulated: dict[str, torch.Tensor] = {}
             for batch in loader:

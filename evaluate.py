@@ -1,0 +1,309 @@
+"""Evaluate an extractive QA model on SQuAD-format data, or score an existing predictions file.
+
+Run a model (one process, or several with ``accelerate launch``)::
+
+    python evaluate.py --model_name_or_path outputs/student \\
+        --validation_file /path/to/dev-v2.0.json --output_dir outputs/student/eval
+    accelerate launch --num_processes 2 evaluate.py --model_name_or_path outputs/student \\
+        --validation_file /path/to/dev-v2.0.json --output_dir outputs/student/eval
+
+  The main process writes ``predictions.json`` and ``null_odds.json`` (the official script's
+  pred / na-prob files) and ``eval_results.json``: the official SQuAD 2.0 metrics (``exact``,
+  ``f1``, ``HasAns_*``, ``NoAns_*``, ``best_*`` with null odds as the no-answer score) plus model
+  size and speed (median latency of ``--timing_batches`` forward passes of one batch after
+  ``--warmup_batches``, per process). Without ``--output_dir`` nothing is written. The results
+  are printed as JSON at the end.
+
+Score a predictions file exactly like the official ``evaluate-v2.0.py``::
+
+    python evaluate.py --validation_file dev-v2.0.json --predictions predictions.json \\
+        [--na_prob_file null_odds.json] [--na_prob_thresh 1.0]
+
+``--validation_file`` may also be a ``datasets`` name (with ``--dataset_config_name`` and
+``--validation_split``). Invalid questions stop the run with a list of problems unless
+``--skip_invalid`` drops them (they are then not scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+from kd.checkpoint import write_json_atomic
+from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
+from kd.squad import SquadFormatError, check_window_args, has_unanswerable, load_squad, prepare_eval_features
+from kd.squad_metrics import squad_evaluate
+
+logger = logging.getLogger("evaluate")
+
+NON_WEIGHT_BIN_FILES = {"training_args.bin", "optimizer.bin", "scheduler.bin", "scaler.bin"}
+# Tokenizers without a configured limit report a huge sentinel value instead.
+_UNSET_MODEL_MAX_LENGTH = 10**9
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Evaluate an extractive QA model on SQuAD-format data, or score a predictions file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--model_name_or_path", help="QA model (and tokenizer) directory to run.")
+    mode.add_argument("--predictions", help="Existing predictions JSON ({id: answer}) to score instead.")
+    parser.add_argument("--validation_file", required=True, help="SQuAD .json file or a datasets name.")
+    parser.add_argument("--dataset_config_name", default=None, help="datasets config (hub datasets only).")
+    parser.add_argument("--validation_split", default="validation", help="datasets split (hub datasets only).")
+    parser.add_argument("--skip_invalid", action="store_true", help="Drop invalid questions instead of failing.")
+    parser.add_argument("--output_dir", default=None, help="Where to write the result files (main process).")
+
+    scoring = parser.add_argument_group("scoring a predictions file (--predictions)")
+    scoring.add_argument("--na_prob_file", default=None, help="JSON {id: no-answer probability / null odds}.")
+    scoring.add_argument(
+        "--na_prob_thresh", type=float, default=1.0,
+        help="Count a prediction as no-answer when its na_prob exceeds this (official script's rule).",
+    )
+
+    model = parser.add_argument_group("running a model (--model_name_or_path)")
+    model.add_argument("--max_seq_length", type=_positive_int, default=384)
+    model.add_argument("--doc_stride", type=_positive_int, default=128)
+    model.add_argument("--max_query_length", type=_positive_int, default=64)
+    model.add_argument("--n_best_size", type=_positive_int, default=20)
+    model.add_argument("--max_answer_length", type=_positive_int, default=30)
+    model.add_argument("--per_device_eval_batch_size", type=_positive_int, default=32)
+    model.add_argument(
+        "--no_answer_threshold", type=float, default=0.0,
+        help="Predict no answer when null score - best span score exceeds this (SQuAD 2.0 data).",
+    )
+    model.add_argument(
+        "--version_2_with_negative", action=argparse.BooleanOptionalAction, default=None,
+        help="Allow no-answer predictions; default: yes if the data has unanswerable questions.",
+    )
+    model.add_argument("--preprocessing_num_workers", type=_positive_int, default=None)
+    model.add_argument("--warmup_batches", type=_non_negative_int, default=2)
+    model.add_argument("--timing_batches", type=_positive_int, default=5)
+    model.add_argument("--seed", type=int, default=42, help="Seeds e.g. a randomly initialised QA head.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and sanity-check arguments; exits with a usage error saying what to change."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.predictions is not None and args.version_2_with_negative is not None:
+        parser.error(
+            "--version_2_with_negative only applies when running a model (--model_name_or_path); a "
+            "predictions file is scored with the official SQuAD 2.0 rules."
+        )
+    if args.predictions is None and args.na_prob_file is not None:
+        parser.error(
+            "--na_prob_file only applies to scoring a predictions file (--predictions); a model run "
+            "computes its own null odds."
+        )
+    if args.max_query_length >= args.max_seq_length:
+        parser.error(
+            f"--max_query_length ({args.max_query_length}) must be smaller than --max_seq_length "
+            f"({args.max_seq_length}) to leave room for the context."
+        )
+    return args
+
+
+def read_json_mapping(path: str, what: str) -> dict:
+    """Read a JSON object from ``path``; exit with a clear message when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        sys.exit(f"evaluate.py: error: {what} file not found: {path}")
+    except json.JSONDecodeError as err:
+        sys.exit(f"evaluate.py: error: {what} file {path} is not valid JSON ({err}).")
+    if not isinstance(data, dict):
+        sys.exit(f"evaluate.py: error: {what} file {path} must hold a JSON object {{question id: value}}.")
+    return data
+
+
+def load_examples(args: argparse.Namespace):
+    """Validated examples, or exit with the data problem (no traceback: it is not a bug)."""
+    try:
+        return load_squad(
+            args.validation_file, split=args.validation_split, config=args.dataset_config_name,
+            skip_invalid=args.skip_invalid,
+        )
+    except (SquadFormatError, FileNotFoundError) as err:
+        sys.exit(f"evaluate.py: error: {err}")
+
+
+def score_predictions_file(args: argparse.Namespace) -> dict:
+    """``--predictions`` mode: the official SQuAD 2.0 metrics of an existing predictions file."""
+    examples = load_examples(args)
+    predictions = read_json_mapping(args.predictions, "predictions")
+    na_probs = read_json_mapping(args.na_prob_file, "na_prob") if args.na_prob_file else None
+    try:
+        return squad_evaluate(examples, predictions, na_probs=na_probs, na_prob_thresh=args.na_prob_thresh)
+    except ValueError as err:
+        sys.exit(f"evaluate.py: error: {err}")
+
+
+def load_tokenizer(args: argparse.Namespace):
+    """The model's tokenizer, after checking the window sizes against it."""
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    limit = tokenizer.model_max_length
+    if limit < _UNSET_MODEL_MAX_LENGTH and args.max_seq_length > limit:
+        sys.exit(
+            f"evaluate.py: error: --max_seq_length {args.max_seq_length} exceeds what the model accepts "
+            f"({limit} tokens); pass --max_seq_length {limit} or less."
+        )
+    try:
+        check_window_args(tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length)
+    except ValueError as err:
+        sys.exit(f"evaluate.py: error: {err}")
+    return tokenizer
+
+
+def model_size_on_disk(model_name_or_path: str) -> int | None:
+    """Bytes of the weight files in a local model directory (None for a hub name).
+
+    Counts *.safetensors files, or *.bin files when there are none (what from_pretrained loads;
+    a directory holding both formats would otherwise count twice), skipping non-weight .bin files.
+    """
+    path = Path(model_name_or_path)
+    if not path.is_dir():
+        return None
+    files = [f for f in path.iterdir() if f.is_file()]
+    weights = [f for f in files if f.suffix == ".safetensors"] or [
+        f for f in files if f.suffix == ".bin" and f.name not in NON_WEIGHT_BIN_FILES
+    ]
+    return sum(f.stat().st_size for f in weights)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued kernels so wall-clock timings cover the work, not just its launch."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def time_forward(accelerator: Accelerator, model, features, batch_size: int, warmup: int, timed: int) -> dict:
+    """Latency of the model on the first batch of features: ``warmup`` untimed, then ``timed`` runs.
+
+    Uses a plain (unprepared) loader so the prepared evaluation loader is never left half-read.
+    Returns the median latency in ms, features per second at that latency, and the batch size.
+    """
+    batch = next(iter(make_eval_dataloader(features, batch_size)))
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    latencies = []
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        for step in range(warmup + timed):
+            _synchronize(accelerator.device)
+            start = time.perf_counter()
+            model(**batch)
+            _synchronize(accelerator.device)
+            if step >= warmup:
+                latencies.append(time.perf_counter() - start)
+    median = statistics.median(latencies)
+    size = len(batch["input_ids"])
+    return {
+        "latency_ms_per_batch_median": 1000.0 * median,
+        "throughput_samples_per_s": size / median,
+        "eval_batch_size": size,
+        "warmup_batches": warmup,
+        "timing_batches": timed,
+    }
+
+
+def run_model(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    """``--model_name_or_path`` mode: predict, score, time; returns eval_results (all processes)."""
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(args)
+    examples = load_examples(args)
+    features = prepare_eval_features(
+        examples, tokenizer, max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
+        max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers,
+    )
+    model = AutoModelForQuestionAnswering.from_pretrained(args.model_name_or_path)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    dataloader = make_eval_dataloader(features, args.per_device_eval_batch_size)
+    model, dataloader = accelerator.prepare(model, dataloader)
+
+    timing = time_forward(
+        accelerator, model, features, args.per_device_eval_batch_size, args.warmup_batches, args.timing_batches
+    )
+    version_2 = args.version_2_with_negative
+    if version_2 is None:
+        version_2 = has_unanswerable(examples)
+    metrics, predictions, null_odds = evaluate_qa(
+        accelerator, model, examples, features, dataloader,
+        n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
+        version_2_with_negative=version_2, no_answer_threshold=args.no_answer_threshold,
+    )
+    results = {
+        **metrics,
+        "num_parameters": num_parameters,
+        "model_size_on_disk_bytes": model_size_on_disk(args.model_name_or_path),
+        **timing,
+        "max_seq_length": args.max_seq_length,
+        "doc_stride": args.doc_stride,
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "num_examples": len(examples),
+        "num_features": len(features),
+        "version_2_with_negative": version_2,
+        "no_answer_threshold": args.no_answer_threshold,
+        "model_name_or_path": args.model_name_or_path,
+        "validation_file": args.validation_file,
+    }
+    if accelerator.is_main_process and args.output_dir:
+        save_eval_outputs(args.output_dir, results, predictions, null_odds)
+        logger.info("Wrote predictions.json, null_odds.json, eval_results.json to %s", args.output_dir)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.predictions is not None:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        results = score_predictions_file(args)
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+            write_json_atomic(os.path.join(args.output_dir, "eval_results.json"), results)
+        print(json.dumps(results, indent=2))
+        return
+    accelerator = Accelerator()
+    logging.basicConfig(
+        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
+    if not args.output_dir:
+        logger.info("No --output_dir: results are printed, not saved.")
+    results = run_model(args, accelerator)
+    if accelerator.is_main_process:
+        print(json.dumps(results, indent=2))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

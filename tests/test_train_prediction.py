@@ -1,0 +1,243 @@
+"""train_prediction.py end to end through ``accelerate launch`` on CPU, with tiny random models."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, pipeline
+
+from kd.student import student_from_teacher_layers
+from tests.helpers import REPO_ROOT, launch, read_json, read_jsonl, script_env
+
+WINDOW = ["--max_seq_length", "128", "--doc_stride", "48", "--max_query_length", "32"]
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_bert_qa_dir, tmp_path_factory):
+    """1-block student cut from the tiny 2-block BERT teacher (same tokenizer), dropout off so that runs with
+    different process counts can be compared."""
+    teacher = AutoModelForQuestionAnswering.from_pretrained(tiny_bert_qa_dir)
+    student = student_from_teacher_layers(teacher, [2])
+    student.config.hidden_dropout_prob = student.config.attention_probs_dropout_prob = 0.0
+    out = tmp_path_factory.mktemp("student")
+    student.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert_qa_dir).save_pretrained(out)
+    return out
+
+
+def _args(student_dir, teacher_dir, fixture, out, cache, *extra):
+    args = ["--model_name_or_path", student_dir, "--train_file", fixture, "--output_dir", out,
+            "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "1",
+            "--teacher_cache_dir", cache, "--seed", "7", *WINDOW]
+    if teacher_dir:
+        args += ["--teacher_name_or_path", teacher_dir, "--temperature", "2", "--distillation_loss_weight", "0.5"]
+    return args + list(extra)
+
+
+def _weights(out_dir):
+    return load_file(os.path.join(out_dir, "model.safetensors"))
+
+
+def test_distillation_end_to_end(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path):
+    out, cache = tmp_path / "run1", tmp_path / "cache"
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, out, cache,
+                                        "--validation_file", squad_fixture_path, "--num_train_epochs", "1",
+                                        "--report_to", "tensorboard"))
+    results = read_json(out / "all_results.json")
+    assert results["status"] == "finished" and results["teacher_cache_hit"] is False
+    assert results["git_sha"] is None or len(results["git_sha"]) >= 40
+    assert results["args"]["temperature"] == 2.0
+    metrics = results["eval_metrics"]
+    for key in ("exact", "f1", "total", "HasAns_exact", "NoAns_exact", "best_f1", "best_f1_thresh"):
+        assert key in metrics
+    assert metrics["total"] == 128  # every fixture question scored once
+    assert set(read_json(out / "predictions.json")) == set(read_json(out / "null_odds.json"))
+
+    log = read_jsonl(out / "train_log.jsonl")
+    train = [r for r in log if "train/loss" in r]
+    assert len(train) == results["total_steps"]
+    first = train[0]
+    assert first["train/loss"] == pytest.approx(0.5 * first["train/loss_kd"] + 0.5 * first["train/loss_ce"], rel=1e-4)
+    assert any("eval/f1" in r for r in log)
+
+    # TensorBoard received every loss term and the eval metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dir = os.path.dirname(glob.glob(str(out / "logs" / "**" / "events.out.tfevents.*"), recursive=True)[0])
+    tags = set(EventAccumulator(event_dir).Reload().Tags()["scalars"])
+    assert {"train/loss", "train/loss_kd", "train/loss_ce", "train/lr", "eval/f1", "eval/exact"} <= tags
+
+    # the student is a plain transformers QA model
+    qa = pipeline("question-answering", model=str(out), tokenizer=str(out), device=-1)
+    context = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy."
+    answer = qa(question="Who gave their name to Normandy?", context=context)
+    assert answer["answer"] in context and 0 <= answer["start"] < answer["end"] <= len(context)
+
+    # second run on the same data: the cached teacher logits are used, the teacher is not run
+    out2 = tmp_path / "run2"
+    proc = launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, out2, cache,
+                                               "--max_train_steps", "2"))
+    assert read_json(out2 / "all_results.json")["teacher_cache_hit"] is True
+    assert "cache hit" in proc.stdout + proc.stderr
+    # a different window setting is a different cache entry
+    out3 = tmp_path / "run3"
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, out3, cache,
+                                        "--max_train_steps", "1", "--doc_stride", "40"))
+    assert read_json(out3 / "all_results.json")["teacher_cache_hit"] is False
+    assert len([d for d in os.listdir(cache) if not d.startswith(".")]) == 2
+
+
+def test_resume_mid_epoch_matches_uninterrupted_run(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path):
+    cache = tmp_path / "cache"
+    # dropout on: the RNG states are part of the checkpoint, so even the dropout masks must line up
+    teacher = AutoModelForQuestionAnswering.from_pretrained(student_dir)
+    teacher.config.hidden_dropout_prob = 0.1
+    dropout_student = tmp_path / "dropout_student"
+    teacher.save_pretrained(dropout_student)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(dropout_student)
+    common = ["--num_train_epochs", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
+              "--checkpoints_total_limit", "0"]
+    full = tmp_path / "full"
+    launch("train_prediction.py", _args(dropout_student, tiny_bert_qa_dir, squad_fixture_path, full, cache, *common))
+    steps = read_json(full / "all_results.json")["total_steps"]
+    mid = full / "checkpoints" / "step_00000003"
+    state = read_json(mid / "kd_state.json")
+    assert state["epoch"] == 0 and 0 < state["batches_in_epoch"] < steps  # really inside the first epoch
+
+    resumed = tmp_path / "resumed"
+    launch("train_prediction.py", _args(dropout_student, tiny_bert_qa_dir, squad_fixture_path, resumed, cache,
+                                        *common, "--resume_from_checkpoint", mid))
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # the logged losses after the resume point are the same ones
+    log_a = {r["step"]: r["train/loss"] for r in read_jsonl(full / "train_log.jsonl") if "train/loss" in r}
+    log_b = {r["step"]: r["train/loss"] for r in read_jsonl(resumed / "train_log.jsonl") if "train/loss" in r}
+    assert min(log_b) == 4 and all(log_b[s] == pytest.approx(log_a[s], abs=1e-6) for s in log_b)
+
+
+def test_two_processes_match_one_process(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path):
+    cache = tmp_path / "cache"
+    # a small learning rate: Adam turns float reduction-order noise in near-zero gradients into full-size
+    # updates, and a large one would let that noise, not a bug, dominate the comparison
+    steps = ["--max_train_steps", "6", "--validation_file", squad_fixture_path, "--learning_rate", "5e-5"]
+    one = tmp_path / "one"
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, one, cache, *steps,
+                                        "--per_device_train_batch_size", "8"))
+    two = tmp_path / "two"
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, two, cache, *steps,
+                                        "--per_device_train_batch_size", "4"), processes=2)
+    r1, r2 = read_json(one / "all_results.json"), read_json(two / "all_results.json")
+    assert r2["num_processes"] == 2 and r2["teacher_cache_hit"] is True
+    loss1 = [r["train/loss"] for r in read_jsonl(one / "train_log.jsonl") if "train/loss" in r]
+    loss2 = [r["train/loss"] for r in read_jsonl(two / "train_log.jsonl") if "train/loss" in r]
+    assert len(loss1) == len(loss2) == 6
+    assert np.allclose(loss1, loss2, atol=1e-4), (loss1, loss2)
+    # evaluation gathered over both processes scores every question once
+    assert r2["eval_metrics"]["total"] == r1["eval_metrics"]["total"] == 128
+    assert r2["eval_metrics"]["f1"] == pytest.approx(r1["eval_metrics"]["f1"], abs=1.0)
+
+
+def test_teacher_logits_computed_across_two_processes_match_one(student_dir, tiny_bert_qa_dir, squad_fixture_path,
+                                                                tmp_path):
+    caches = []
+    for n in (1, 2):
+        cache = tmp_path / f"cache{n}"
+        launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path / f"r{n}",
+                                            cache, "--max_train_steps", "1", "--per_device_train_batch_size", "2"),
+               processes=n)
+        caches.append(glob.glob(str(cache / "*" / "start_logits.npy"))[0])
+    a, b = np.load(caches[0]), np.load(caches[1])
+    assert a.shape == b.shape and np.allclose(a, b, atol=1e-5)
+
+
+def test_sigusr1_saves_a_loadable_checkpoint(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path):
+    out, cache = tmp_path / "pre", tmp_path / "cache"
+    cmd = [sys.executable, str(REPO_ROOT / "train_prediction.py"),
+           *map(str, _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, out, cache, "--num_train_epochs", "200"))]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and len(read_jsonl(log)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training ended or stalled before the signal"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "Preempted by SIGUSR1" in output
+    record = read_json(out / "preempted.json")
+    checkpoint = record["checkpoint"]
+    assert os.path.isfile(os.path.join(checkpoint, "kd_state.json")) and not checkpoint.endswith(".partial")
+    assert not (out / "all_results.json").exists()
+    # the checkpoint loads: resuming continues from it and finishes
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, out, cache,
+                                        "--num_train_epochs", "200", "--max_train_steps",
+                                        str(record["state"]["completed_steps"] + 2),
+                                        "--resume_from_checkpoint", "latest"))
+    log_steps = [r["step"] for r in read_jsonl(log) if "train/loss" in r]
+    assert log_steps[-1] == record["state"]["completed_steps"] + 2
+    assert read_json(out / "all_results.json")["status"] == "finished"
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(student_dir, squad_fixture_path, tmp_path):
+    out = tmp_path / "nan"
+    proc = launch("train_prediction.py", _args(student_dir, None, squad_fixture_path, out, tmp_path / "c",
+                                               "--learning_rate", "1e35", "--max_grad_norm", "0",
+                                               "--checkpointing_steps", "1", "--num_train_epochs", "1",
+                                               "--lr_scheduler_type", "constant", "--num_warmup_steps", "0"),
+                  check=False)
+    assert proc.returncode != 0
+    assert "Non-finite loss" in proc.stderr and "Last good checkpoint" in proc.stderr
+    done = sorted(os.listdir(out / "checkpoints"))
+    assert done and all(not d.endswith(".partial") for d in done)
+    last = read_json(out / "checkpoints" / done[-1] / "kd_state.json")
+    weights = load_file(str(out / "checkpoints" / done[-1] / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (out / "all_results.json").exists() and last["completed_steps"] >= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "-2"], "--temperature must be > 0"),
+    (["--distillation_loss_weight", "1.2"], "--distillation_loss_weight must be in [0, 1]"),
+    (["--distillation_loss_weight", "-0.5"], "--distillation_loss_weight must be in [0, 1]"),
+])
+def test_invalid_distillation_arguments(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path, extra, message):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "train_prediction.py"),
+                           *map(str, _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path, tmp_path,
+                                           *extra))],
+                          cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_tokenizer_mismatch_is_a_clear_error(tiny_roberta_qa_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path):
+    proc = launch("train_prediction.py", _args(tiny_roberta_qa_dir, tiny_bert_qa_dir, squad_fixture_path,
+                                               tmp_path / "o", tmp_path / "c", "--max_train_steps", "1"), check=False)
+    assert proc.returncode != 0
+    assert "TokenizerMismatchError" in proc.stderr
+    assert str(tiny_roberta_qa_dir) in proc.stderr and str(tiny_bert_qa_dir) in proc.stderr
+
+
+def test_malformed_squad_is_a_clear_error(student_dir, tmp_path):
+    import json
+
+    bad = {"version": "v2.0", "data": [{"title": "Broken_Article", "paragraphs": [{
+        "context": "Paris is the capital of France.",
+        "qas": [{"id": "q-bad-1", "question": "What is the capital of France?",
+                 "answers": [{"text": "Paris", "answer_start": 5}], "is_impossible": False}]}]}]}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    proc = launch("train_prediction.py", _args(student_dir, None, path, tmp_path / "o", tmp_path / "c"), check=False)
+    assert proc.returncode != 0
+    for part in ("bad.json", "Broken_Article", "q-bad-1", "--skip_invalid"):
+        assert part in proc.stderr
