@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -41,7 +41,13 @@ def setup_accelerator(args) -> Accelerator:
     log_with = {"none": None, "all": ["wandb", "tensorboard"]}.get(args.report_to, [args.report_to])
     if log_with and "wandb" in log_with:
         _wandb_offline_without_account()
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+        # DeepSpeed without a GPU (CI, debugging): Accelerate picks a process-group backend only for
+        # accelerators; ZeRO runs on CPU over gloo.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
+        kwargs_handlers=handlers,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU_CONFIG = REPO_ROOT / "accelerate_configs" / "cpu.yaml"
+DEEPSPEED_CONFIG = REPO_ROOT / "accelerate_configs" / "deepspeed_zero2.yaml"
 
 
 def free_port() -> int:
@@ -20,22 +21,30 @@ def free_port() -> int:
 
 
 def script_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline",
+    # No WANDB_MODE: the scripts must fall back to offline W&B by themselves when there is no account.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                TRANSFORMERS_VERBOSITY="error")
-    env.pop("WANDB_API_KEY", None)
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        env.pop(name, None)
     return env
 
 
-def launch(script: str, args: list, processes: int = 1, check: bool = True, timeout: int = 600):
+def launch(script: str, args: list, processes: int = 1, check: bool = True, timeout: int = 600,
+           deepspeed: bool = False):
     """Run a script from the repo root as users do; returns the CompletedProcess.
 
     One process: ``accelerate launch --config_file accelerate_configs/cpu.yaml``. Several: ``torchrun`` with
     ACCELERATE_USE_CPU=1, which Accelerate turns into DDP over gloo (``accelerate launch`` itself only starts
-    several CPU processes through mpirun).
+    several CPU processes through mpirun). deepspeed: ``accelerate launch`` with the repo's ZeRO-2 config, on CPU
+    (DS_ACCELERATOR=cpu, fp32).
     """
     env = script_env()
-    if processes == 1:
+    if deepspeed:
+        env["DS_ACCELERATOR"] = "cpu"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DEEPSPEED_CONFIG),
+               "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port())]
+    elif processes == 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
     else:
         env["ACCELERATE_USE_CPU"] = "1"

@@ -51,7 +51,7 @@ def test_distillation_end_to_end(student_dir, tiny_bert_qa_dir, squad_fixture_pa
     out, cache = tmp_path / "run1", tmp_path / "cache"
     launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, out, cache,
                                         "--validation_file", squad_fixture_path, "--num_train_epochs", "1",
-                                        "--report_to", "tensorboard"))
+                                        "--report_to", "all"))
     results = read_json(out / "all_results.json")
     assert results["status"] == "finished" and results["teacher_cache_hit"] is False
     assert results["git_sha"] is None or len(results["git_sha"]) >= 40
@@ -75,6 +75,12 @@ def test_distillation_end_to_end(student_dir, tiny_bert_qa_dir, squad_fixture_pa
     event_dir = os.path.dirname(glob.glob(str(out / "logs" / "**" / "events.out.tfevents.*"), recursive=True)[0])
     tags = set(EventAccumulator(event_dir).Reload().Tags()["scalars"])
     assert {"train/loss", "train/loss_kd", "train/loss_ce", "train/lr", "eval/f1", "eval/exact"} <= tags
+
+    # W&B, with no account configured, ran offline into the output dir with the same values
+    (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    logged = open(run_file, "rb").read()
+    for key in (b"train/loss_kd", b"train/loss_ce", b"train/lr", b"eval/f1", b"eval/HasAns_exact"):
+        assert key in logged
 
     # the student is a plain transformers QA model
     qa = pipeline("question-answering", model=str(out), tokenizer=str(out), device=-1)
@@ -145,6 +151,32 @@ def test_two_processes_match_one_process(student_dir, tiny_bert_qa_dir, squad_fi
     # evaluation gathered over both processes scores every question once
     assert r2["eval_metrics"]["total"] == r1["eval_metrics"]["total"] == 128
     assert r2["eval_metrics"]["f1"] == pytest.approx(r1["eval_metrics"]["f1"], abs=1.0)
+
+
+def test_deepspeed_zero2_matches_ddp_and_resumes(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path):
+    """The repo's ZeRO-2 accelerate config, on 2 CPU processes: same losses as DDP, exact resume from its
+    sharded checkpoints, and an exported student."""
+    cache = tmp_path / "cache"
+    common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "5e-5",
+              "--per_device_train_batch_size", "4", "--checkpoints_total_limit", "0"]
+    ddp, zero = tmp_path / "ddp", tmp_path / "zero"
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, ddp, cache, *common),
+           processes=2)
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, zero, cache, *common),
+           processes=2, deepspeed=True)
+    assert read_json(zero / "all_results.json")["distributed_type"] == "DistributedType.DEEPSPEED"
+    loss_ddp = [r["train/loss"] for r in read_jsonl(ddp / "train_log.jsonl") if "train/loss" in r]
+    loss_zero = [r["train/loss"] for r in read_jsonl(zero / "train_log.jsonl") if "train/loss" in r]
+    assert len(loss_zero) == 6 and np.allclose(loss_ddp, loss_zero, atol=1e-4), (loss_ddp, loss_zero)
+    assert os.path.isdir(zero / "checkpoints" / "step_00000003" / "pytorch_model")  # ZeRO's own shards
+
+    resumed = tmp_path / "zero_resumed"
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, resumed, cache, *common,
+                                        "--resume_from_checkpoint", zero / "checkpoints" / "step_00000003"),
+           processes=2, deepspeed=True)
+    a, b = _weights(zero), _weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    AutoModelForQuestionAnswering.from_pretrained(zero)  # the exported student is a plain model
 
 
 def test_teacher_logits_computed_across_two_processes_match_one(student_dir, tiny_bert_qa_dir, squad_fixture_path,
