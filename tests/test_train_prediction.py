@@ -244,12 +244,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(student_dir, squad
     (["--distillation_loss_weight", "1.2"], "--distillation_loss_weight must be in [0, 1]"),
     (["--distillation_loss_weight", "-0.5"], "--distillation_loss_weight must be in [0, 1]"),
 ])
-def test_invalid_distillation_arguments(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path, extra, message):
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "train_prediction.py"),
-                           *map(str, _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path, tmp_path,
-                                           *extra))],
-                          cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and message in proc.stderr
+def test_invalid_distillation_arguments(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path, capsys, extra,
+                                        message):
+    import train_prediction
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_prediction.parse_args(list(map(str, _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path,
+                                                        tmp_path, *extra))))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # rejected before anything was written
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tiny_roberta_qa_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path):
