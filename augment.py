@@ -35,14 +35,16 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from kd.augment import (GloVe, GloVeFormatError, MaskedLMCandidates, blocks_of_process, glove_neighbours,
-                        load_glove, merge_shards, mlm_candidates, paragraph_copies, paragraph_segments,
-                        segment_candidates, shard_line, tokenizer_word_marker, validate_squad_for_augmentation)
+                        glove_rows_of_process, load_glove, merge_shards, mlm_candidates, paragraph_copies,
+                        paragraph_segments, segment_candidates, shard_line, tokenizer_word_marker,
+                        validate_squad_for_augmentation)
 from kd.squad import SquadFormatError, read_squad_json
 
 logger = logging.getLogger("augment")
 
-# Query rows per GloVe matmul; fixed so that results do not depend on how chunks are shared out.
-GLOVE_CHUNK = 1024
+# Query rows per GloVe matmul ([256, V] similarities: 400 MB for all 400k GloVe 6B words); fixed so that
+# results do not depend on how chunks are shared out among processes.
+GLOVE_CHUNK = 256
 _UNSET_MODEL_MAX_LENGTH = 10**9
 
 
@@ -90,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Masked-LM sequences per forward pass.")
     speed.add_argument("--max_seq_length", type=_int_at_least(16), default=256,
                        help="Tokens per masked-LM sequence; longer texts are cut into half-overlapping windows.")
-    speed.add_argument("--mask_groups", type=_int_at_least(0), default=8,
+    speed.add_argument("--mask_groups", type=_int_at_least(0), default=16,
                        help="Words masked together: the one-token words of a window are dealt into this many "
                             "sequences (masks >= G words apart). 0 = one mask per sequence, the exact and "
                             "slowest method.")
@@ -172,10 +174,8 @@ def shared_glove_table(accelerator, glove, local_rows, k) -> dict[int, list[str]
     so every row is computed in the same matmul whatever the number of processes.
     """
     rows = sorted({r for part in gather_object([local_rows]) for r in part})
-    chunks = [rows[c:c + GLOVE_CHUNK] for c in range(0, len(rows), GLOVE_CHUNK)]
-    mine = {}
-    for chunk in chunks[accelerator.process_index::accelerator.num_processes]:
-        mine.update(glove_neighbours(glove, chunk, k, accelerator.device, chunk_size=GLOVE_CHUNK))
+    mine_rows = glove_rows_of_process(rows, GLOVE_CHUNK, accelerator.num_processes, accelerator.process_index)
+    mine = glove_neighbours(glove, mine_rows, k, accelerator.device, chunk_size=GLOVE_CHUNK)
     table = {}
     for part in gather_object([mine]):
         table.update(part)
@@ -205,6 +205,18 @@ def augment_block(block, paragraphs, tokenizer, glove, predictor, glove_table, a
         counts["words_with_candidates"] += sum(bool(x) for c in candidates for x in c)
         counts["replaced_words"] += replaced
     return lines, counts
+
+
+def summarize(all_counts: list[dict], seconds: float, args) -> dict:
+    """Counts of all processes added up, plus time, throughput and the share of word slots replaced."""
+    summary = {}
+    for counts in all_counts:
+        summary.update({k: summary.get(k, 0) + v for k, v in counts.items()})
+    slots = summary.get("replaceable_words", 0) * args.multiplication_factor
+    summary.update(output_file=args.output_file, seconds=round(seconds, 2),
+                   paragraphs_per_s=round(summary.get("paragraphs", 0) / seconds, 3),
+                   replaced_share=round(summary.get("replaced_words", 0) / max(1, slots), 4))
+    return summary
 
 
 def main(argv=None):
@@ -256,14 +268,7 @@ def main(argv=None):
         merge_shards(shards, args.output_file, data.get("version", ""),
                      [article.get("title", "") for article in data["data"]])
         shutil.rmtree(parts_dir)
-        summary = {}
-        for counts in all_counts:
-            summary.update({k: summary.get(k, 0) + v for k, v in counts.items()})
-        seconds = time.perf_counter() - start
-        summary.update(output_file=args.output_file, seconds=round(seconds, 2),
-                       paragraphs_per_s=round(summary.get("paragraphs", 0) / seconds, 3),
-                       replaced_share=round(summary.get("replaced_words", 0)
-                                            / max(1, summary.get("replaceable_words", 0) * args.multiplication_factor), 4))
+        summary = summarize(all_counts, time.perf_counter() - start, args)
         print(json.dumps(summary))
     accelerator.wait_for_everyone()
     accelerator.end_training()

