@@ -1,7 +1,8 @@
 """Resumable checkpoints on top of ``accelerator.save_state``.
 
 Layout: ``<output_dir>/checkpoints/step_00000120/`` holds Accelerate's state (model, optimizer, scheduler, RNG
-states; DeepSpeed's shards when it runs) plus ``kd_state.json`` with the position in training. A checkpoint is
+states; DeepSpeed's shards when it runs) plus ``kd_state.json`` with the position in training, and, when the
+data is a stateful stream, ``data_state_<rank>.json`` per process with its reading position. A checkpoint is
 written under ``step_XXXXXXXX.partial`` and renamed only after every process has finished writing and the state
 file is on disk, so a job killed mid-write leaves a ``.partial`` dir that is never resumed from.
 """
@@ -18,6 +19,7 @@ import shutil
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "kd_state.json"
+DATA_STATE_FILE = "data_state_{rank}.json"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -86,8 +88,12 @@ class CheckpointManager:
             )
         return resume_from
 
-    def save(self, accelerator, state: TrainState) -> str:
-        """Save on every process (DeepSpeed shards its state), publish atomically on the main process."""
+    def save(self, accelerator, state: TrainState, data_state=None) -> str:
+        """Save on every process (DeepSpeed shards its state), publish atomically on the main process.
+
+        data_state: optional object with ``state_dict()`` (JSON-able): each process writes its own, as
+        ``data_state_<rank>.json``, before the checkpoint is published.
+        """
         final = os.path.join(self.root, f"step_{state.completed_steps:08d}")
         partial = final + ".partial"
         if accelerator.is_main_process:
@@ -95,6 +101,10 @@ class CheckpointManager:
             shutil.rmtree(partial, ignore_errors=True)  # leftover of a run killed mid-write
         accelerator.wait_for_everyone()
         accelerator.save_state(partial)
+        if data_state is not None:
+            os.makedirs(partial, exist_ok=True)
+            write_json_atomic(os.path.join(partial, DATA_STATE_FILE.format(rank=accelerator.process_index)),
+                              data_state.state_dict())
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json_atomic(os.path.join(partial, STATE_FILE), state.to_json())
@@ -106,8 +116,18 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         return final
 
-    def load(self, accelerator, path: str) -> TrainState:
+    def load(self, accelerator, path: str, data_state=None) -> TrainState:
+        """Restore Accelerate's state and, when ``data_state`` is given, this process's data position into it."""
         accelerator.load_state(path)
+        if data_state is not None:
+            data_file = os.path.join(path, DATA_STATE_FILE.format(rank=accelerator.process_index))
+            if not os.path.isfile(data_file):
+                raise FileNotFoundError(
+                    f"{path} has no {os.path.basename(data_file)}: it was saved by a run without a data stream state "
+                    f"or with fewer processes than this one ({accelerator.num_processes}). Resume with the data "
+                    "settings and the number of processes of the run that saved it, or start a fresh run.")
+            with open(data_file) as f:
+                data_state.load_state_dict(json.load(f))
         with open(os.path.join(path, STATE_FILE)) as f:
             state = TrainState(**json.load(f))
         logger.info("Resumed from %s at epoch %d, batch %d, step %d",

@@ -56,3 +56,27 @@ def student_from_teacher_layers(teacher: torch.nn.Module, layers: list[int]) -> 
                          "supports BERT, RoBERTa, ELECTRA, XLM-R and DistilBERT style encoders")
     student.load_state_dict(state, strict=True)
     return student
+
+
+SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+
+
+def student_config_of_size(teacher_config, **sizes: int | None):
+    """A copy of the teacher's config with the given sizes (SIZE_FIELDS; None keeps the teacher's), for a
+    randomly initialised student of the teacher's architecture family and vocabulary.
+
+    Raises ValueError for an unknown field or a hidden size that is not a multiple of the head count.
+    """
+    config = copy.deepcopy(teacher_config)
+    for name, value in sizes.items():
+        if name not in SIZE_FIELDS:
+            raise ValueError(f"unknown student size {name!r}; sizes are {SIZE_FIELDS}")
+        if value is None:
+            continue
+        if name == "intermediate_size" and getattr(config, "model_type", None) == "distilbert":
+            name = "hidden_dim"  # DistilBERT's name for it (the other three map through attribute_map)
+        setattr(config, name, value)
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                         f"{config.num_attention_heads}; pick sizes such as 384/12 or 512/8")
+    return config

@@ -252,20 +252,33 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def _reduce_step(accelerator: Accelerator, terms: dict[str, torch.Tensor], preempted: bool):
+def _reduce_step(accelerator: Accelerator, terms: dict[str, torch.Tensor], preempted: bool,
+                 counts: dict[str, torch.Tensor] | None = None):
     """One all-reduce per optimizer step: mean loss terms over processes, and whether any process saw a
-    non-finite loss or a preemption signal (every process must stop or save at the same step)."""
-    names = sorted(terms)
+    non-finite loss or a preemption signal (every process must stop or save at the same step). ``counts``
+    (e.g. tokens) are summed over processes instead, and returned among the means under their own names."""
+    names, count_names = sorted(terms), sorted(counts or {})
     values = torch.stack([terms[n].detach().float() for n in names])
     finite = torch.isfinite(values).all()
     flags = torch.stack([(~finite).float(), torch.tensor(float(preempted), device=values.device)])
-    packed = torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), flags]).to(accelerator.device)
+    summed = [torch.as_tensor(counts[n], device=values.device).detach().float().reshape(1) for n in count_names]
+    packed = torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), *summed, flags])
+    packed = packed.to(accelerator.device)
     if accelerator.num_processes > 1:
         packed = accelerator.reduce(packed, reduction="sum")
     packed = packed.tolist()
-    k = len(names)
+    k, c = len(names), len(count_names)
     means = {n: v / accelerator.num_processes for n, v in zip(names, packed[:k])}
-    return means, packed[k] > 0, packed[k + 1] > 0
+    means.update(zip(count_names, packed[k:k + c]))
+    return means, packed[k + c] > 0, packed[k + c + 1] > 0
+
+
+def _length(loader) -> int | None:
+    """len(loader), or None for a loader without one (an endless stream)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def run_training(
@@ -279,8 +292,18 @@ def run_training(
     compute_loss: Callable[[torch.nn.Module, dict], dict],
     evaluate: Callable[[], dict] | None = None,
     total_steps: int,
+    data_state=None,
 ) -> dict:
     """Train until ``total_steps`` optimizer steps, resuming from ``--resume_from_checkpoint`` if given.
+
+    train_dataloader: a map-style DataLoader (resumed by skipping the batches of the epoch already consumed), or
+    any iterable of batches; one without a length (an endless stream) runs until ``total_steps``, and one that
+    runs out starts the next epoch.
+    data_state: optional object with ``state_dict()`` / ``load_state_dict()`` that owns the reading position of
+    train_dataloader (a stateful stream such as kd.corpus.PackedStream): every checkpoint saves it per process
+    (``data_state_{rank}.json``), a resume loads it, and the loop then skips no batches itself.
+    compute_loss may also return ``"tokens"``, a count rather than a loss (not backpropagated, summed over
+    processes and micro-batches): the loop then logs ``train/tokens_per_s``.
 
     Returns {"status": "finished"|"preempted", "state", "train_metrics", "eval_metrics", "checkpoint"}.
     Raises NonFiniteLossError before the optimizer step of a non-finite loss (no checkpoint is written after).
@@ -288,9 +311,10 @@ def run_training(
     accelerator.register_for_checkpointing(scheduler)
     checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
     resume_path = checkpoints.resolve(args.resume_from_checkpoint)
-    state = checkpoints.load(accelerator, resume_path) if resume_path else TrainState()
-    batches_per_epoch = len(train_dataloader)
-    num_epochs = math.ceil(total_steps * args.gradient_accumulation_steps / batches_per_epoch)
+    state = checkpoints.load(accelerator, resume_path, data_state=data_state) if resume_path else TrainState()
+    batches_per_epoch = _length(train_dataloader)
+    num_epochs = (math.ceil(total_steps * args.gradient_accumulation_steps / batches_per_epoch)
+                  if batches_per_epoch is not None else math.inf)
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
 
     progress = tqdm(total=total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process,
@@ -298,6 +322,7 @@ def run_training(
     eval_metrics: dict = {}
     running: dict[str, float] = {}
     t_start, samples_seen = time.perf_counter(), 0
+    tokens_seen, interval_tokens, t_interval = 0.0, 0.0, t_start
 
     def log(values: dict, step: int) -> None:
         accelerator.log(values, step=step)
@@ -317,22 +342,29 @@ def run_training(
     with PreemptionFlag() as preemption:
         while state.completed_steps < total_steps and state.epoch < num_epochs:
             loader = (accelerator.skip_first_batches(train_dataloader, state.batches_in_epoch)
-                      if state.batches_in_epoch else train_dataloader)
+                      if state.batches_in_epoch and data_state is None else train_dataloader)
             # Accelerate's loader re-sets its sampler's epoch from its own iteration counter on each pass, and a
             # fresh skipping loader counts from 0: tell it which epoch this is.
-            loader.set_epoch(state.epoch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(state.epoch)
             model.train()
             accumulated: dict[str, torch.Tensor] = {}
+            counts: dict[str, torch.Tensor] = {}
+            exhausted = False
             for batch in loader:
                 with accelerator.accumulate(model):
                     terms = compute_loss(model, batch)
+                    if "tokens" in terms:
+                        tokens = terms.pop("tokens")
+                        counts["tokens"] = counts["tokens"] + tokens if "tokens" in counts else tokens
                     accelerator.backward(terms["loss"])
                     for name, value in terms.items():
                         value = value.detach() / args.gradient_accumulation_steps
                         accumulated[name] = accumulated[name] + value if name in accumulated else value
                     if accelerator.sync_gradients:
-                        means, nonfinite, stop = _reduce_step(accelerator, accumulated, preemption.signum is not None)
-                        accumulated = {}
+                        means, nonfinite, stop = _reduce_step(accelerator, accumulated, preemption.signum is not None,
+                                                              counts)
+                        accumulated, counts = {}, {}
                         if nonfinite:
                             raise NonFiniteLossError(
                                 f"Non-finite loss at optimizer step {state.completed_steps + 1} (epoch {state.epoch}); "
@@ -356,16 +388,23 @@ def run_training(
                 state.completed_steps += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
+                if "tokens" in means:
+                    step_tokens = means.pop("tokens")
+                    tokens_seen += step_tokens
+                    interval_tokens += step_tokens
                 for name, value in means.items():
                     running[name] = running.get(name, 0.0) + value
                 if state.completed_steps % args.logging_steps == 0 or state.completed_steps == total_steps:
                     n = state.completed_steps % args.logging_steps or args.logging_steps
                     averaged = {f"train/{k}": v / n for k, v in running.items()}
                     averaged["train/lr"] = means["lr"]
+                    now = time.perf_counter()
+                    if interval_tokens:
+                        averaged["train/tokens_per_s"] = interval_tokens / max(now - t_interval, 1e-9)
                     log(averaged, state.completed_steps)
-                    running = {}
+                    running, interval_tokens, t_interval = {}, 0.0, now
                 if stop:
-                    last_checkpoint = checkpoints.save(accelerator, state)
+                    last_checkpoint = checkpoints.save(accelerator, state, data_state=data_state)
                     sig = signal.Signals(preemption.signum).name if preemption.signum else "a signal on another process"
                     accelerator.print(f"Preempted by {sig}: saved {last_checkpoint}. Resume with "
                                       f"--resume_from_checkpoint latest (or {last_checkpoint}).")
@@ -373,19 +412,22 @@ def run_training(
                     return {"status": "preempted", "state": state.to_json(), "checkpoint": last_checkpoint,
                             "eval_metrics": eval_metrics, "train_metrics": {}}
                 if args.checkpointing_steps and state.completed_steps % args.checkpointing_steps == 0:
-                    last_checkpoint = checkpoints.save(accelerator, state)
+                    last_checkpoint = checkpoints.save(accelerator, state, data_state=data_state)
                     saved_at = state.completed_steps
                 if evaluate and args.eval_steps and state.completed_steps % args.eval_steps == 0:
                     eval_metrics = do_eval()
                 if state.completed_steps >= total_steps:
                     break
+            else:
+                exhausted = True
 
-            epoch_done = state.batches_in_epoch >= batches_per_epoch
+            epoch_done = (state.batches_in_epoch >= batches_per_epoch if batches_per_epoch is not None
+                          else exhausted)
             if epoch_done:
                 state.epoch += 1
                 state.batches_in_epoch = 0
             if saved_at != state.completed_steps or epoch_done:
-                last_checkpoint = checkpoints.save(accelerator, state)
+                last_checkpoint = checkpoints.save(accelerator, state, data_state=data_state)
                 saved_at = state.completed_steps
             if evaluate:
                 eval_metrics = do_eval()
@@ -393,5 +435,7 @@ def run_training(
     elapsed = time.perf_counter() - t_start
     train_metrics = {"train_runtime_s": elapsed, "train_samples_per_s": samples_seen / max(elapsed, 1e-9),
                      "completed_steps": state.completed_steps}
+    if tokens_seen:
+        train_metrics.update(train_tokens=int(tokens_seen), train_tokens_per_s=tokens_seen / max(elapsed, 1e-9))
     return {"status": "finished", "state": state.to_json(), "checkpoint": last_checkpoint,
             "eval_metrics": eval_metrics, "train_metrics": train_metrics}

@@ -1,0 +1,241 @@
+"""Step 1: general distillation of a language model on raw text (TinyBERT's general distillation).
+
+A smaller student learns a general-purpose teacher's inner workings on a large corpus (Wikipedia, The Pile):
+its mapped layers match the teacher's pre-softmax attention scores, hidden states and embedding outputs
+(TinyBERT, MSE, through a trained projection when the widths differ) or its self-attention relations (MiniLMv2,
+--loss_kind minilm_relation, any head counts and widths); the same losses as train_task_intermediate.py
+(kd.intermediate). No labels. The result is the starting point of task distillation.
+
+The corpus is packed into --max_seq_length sequences of contiguous tokens ([CLS] ... [SEP], no padding; see
+kd/corpus.py for the packing rules and --respect_document_boundaries). Without --streaming it is tokenized and
+packed once into a cache (keyed by files, tokenizer and settings), memory-mapped, shuffled per epoch by seed
+and split across processes by Accelerate. With --streaming every process reads its own shard on the fly,
+shuffles packed sequences in a seeded buffer, and saves its exact reading position in every checkpoint, so a
+resumed run neither re-reads nor skips text. Training is counted in optimizer steps (--max_train_steps).
+
+Launch:
+    # a 6-layer student from every other block of the teacher, on local text files (tokenized once, cached)
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_general.py \
+        --teacher_name_or_path roberta-base --student_layers every_other \
+        --train_file 'corpus/wiki_*.txt' --max_seq_length 128 --per_device_train_batch_size 64 \
+        --max_train_steps 200000 --learning_rate 1e-4 --checkpointing_steps 2000 --output_dir runs/general
+    # a smaller, randomly initialised student, streaming a corpus too large for the disk
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_general.py \
+        --teacher_name_or_path roberta-base --num_hidden_layers 6 --hidden_size 384 --num_attention_heads 12 \
+        --intermediate_size 1536 --loss_kind minilm_relation --layer_map last \
+        --dataset_name wikimedia/wikipedia --dataset_config_name 20231101.en --streaming \
+        --max_train_steps 400000 --checkpointing_steps 2000 --output_dir runs/general_small
+    # continue a preempted job (same command, same number of processes)
+    ... same command ... --resume_from_checkpoint latest
+    # then task distillation starts from the general student
+    accelerate launch ... train_task_intermediate.py --model_name_or_path runs/general \
+        --teacher_name_or_path runs/qa_teacher ...
+
+Outputs in --output_dir: the student (save_pretrained: the bare encoder, no projections, and the teacher's
+tokenizer; AutoModelForQuestionAnswering loads it with a new QA head), run_config.json, train_log.jsonl (loss,
+each term, tokens/s), checkpoints/ (with each process's data position when streaming), all_results.json.
+"""
+
+import argparse
+import copy
+import math
+import os
+import sys
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from kd import args as kd_args
+from kd.corpus import (DataTrace, DatasetCorpus, DatasetShardReader, FileCorpus, FileShardReader, PackedCorpus,
+                       PackedStream, build_packed_corpus)
+from kd.intermediate import (build_distiller, export_student, freeze_unreached_parameters, load_teacher,
+                             make_compute_loss, no_zero3_init)
+from kd.student import parse_layer_selection, student_config_of_size, student_from_teacher_layers
+from kd.training import (init_trackers, make_optimizer, make_scheduler, make_train_dataloader, run_record,
+                         run_training, setup_accelerator, write_record)
+
+# RoBERTa-style models number positions from pad_token_id + 1, so they hold 2 positions fewer than they have
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        parents=[kd_args.general_distillation_args(), kd_args.intermediate_distillation_args(),
+                 kd_args.training_args()],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    args = parser.parse_args(argv)
+    kd_args.check_common(parser, args)
+    kd_args.check_general_distillation(parser, args)
+    kd_args.check_intermediate_distillation(parser, args)
+    try:  # from the configs alone: a bad student size, layer map or loss setting fails before anything is loaded
+        teacher_config = AutoConfig.from_pretrained(args.teacher_name_or_path)
+        config = student_config(args, teacher_config)
+        for who, c in (("teacher", teacher_config), ("student", config)):
+            room = c.max_position_embeddings - POSITION_OFFSET.get(c.model_type, 0)
+            if args.max_seq_length > room:
+                raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the {who}'s {room} positions")
+        with torch.device("meta"):
+            args.distiller_settings = build_distiller(
+                AutoModel.from_config(config), teacher_config, args.layer_map, loss_kind=args.loss_kind,
+                weights=kd_args.intermediate_loss_weights(args), relation_heads=args.relation_heads).describe()
+    except (ValueError, OSError) as e:
+        parser.error(f"teacher {args.teacher_name_or_path}: {e}")
+    return args
+
+
+def student_config(args, teacher_config):
+    """The student's config, whichever way it is chosen (a checkpoint, the teacher's layers, a size)."""
+    if args.model_name_or_path:
+        return AutoConfig.from_pretrained(args.model_name_or_path)
+    if args.student_layers:
+        config = copy.deepcopy(teacher_config)
+        config.num_hidden_layers = len(parse_layer_selection(args.student_layers, teacher_config.num_hidden_layers))
+        return config
+    return student_config_of_size(teacher_config, **{n: getattr(args, n) for n in kd_args.STUDENT_SIZE_FLAGS})
+
+
+def make_student(args, accelerator, tokenizer):
+    """The student encoder (AutoModel: no head) in fp32, and a JSON-able note of where it came from."""
+    teacher_config = AutoConfig.from_pretrained(args.teacher_name_or_path)  # as saved, not as loaded (dtype)
+    with no_zero3_init(accelerator):
+        if args.model_name_or_path:
+            student = AutoModel.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+            check_student_tokenizer(args.model_name_or_path, tokenizer, args.teacher_name_or_path)
+            origin = {"checkpoint": args.model_name_or_path}
+        elif args.student_layers:
+            layers = parse_layer_selection(args.student_layers, teacher_config.num_hidden_layers)
+            # a full-precision copy with every module the checkpoint has: the teacher itself may be bf16, pooler-less
+            full = AutoModel.from_pretrained(args.teacher_name_or_path, dtype=torch.float32)
+            student = student_from_teacher_layers(full, layers)
+            del full
+            origin = {"teacher_layers": layers}
+        else:
+            student = AutoModel.from_config(student_config(args, teacher_config), dtype=torch.float32)  # seeded
+            origin = {"size": {n: getattr(student.config, n) for n in kd_args.STUDENT_SIZE_FLAGS}}
+    if student.config.vocab_size < len(tokenizer):
+        raise ValueError(f"the student's vocabulary ({student.config.vocab_size}) is smaller than the teacher "
+                         f"tokenizer's ({len(tokenizer)}); the student must take the teacher's tokenizer")
+    return student, origin
+
+
+def check_student_tokenizer(student_path, teacher_tokenizer, teacher_path):
+    """A student checkpoint that ships its own tokenizer must ship the teacher's."""
+    try:
+        own = AutoTokenizer.from_pretrained(student_path)
+    except (OSError, ValueError):
+        return  # no tokenizer of its own: it takes the teacher's
+    if own.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(f"the student {student_path} has another tokenizer than the teacher {teacher_path} "
+                         f"({len(own)} vs {len(teacher_tokenizer)} entries); distillation needs the same token ids")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = setup_accelerator(args)
+    write_record(accelerator, args, "run_config.json", run_record(args, accelerator))
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # ---------------------------------------------------------------- data: the teacher's tokenizer, packed text
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher_name_or_path)
+    packing = dict(max_seq_length=args.max_seq_length, respect_document_boundaries=args.respect_document_boundaries)
+    if args.corpus_files:
+        source = FileCorpus(args.corpus_files, text_column=args.text_column, line_by_line=args.line_by_line)
+        source.validate()
+    else:
+        source = DatasetCorpus(args.dataset_name, args.dataset_config_name, split=args.dataset_split,
+                               text_column=args.text_column, streaming=args.streaming)
+    corpus_info = {"streaming": args.streaming}
+    if args.streaming:
+        # Each process reads its own shard and the stream keeps its own position (saved per process in every
+        # checkpoint). It is NOT passed to accelerator.prepare: Accelerate would wrap it (IterableDatasetShard or
+        # DataLoaderDispatcher), re-splitting data already split, reading one batch ahead of what training
+        # consumed, and resuming only by re-reading and discarding batches.
+        reader = (FileShardReader(source, rank, world, seed=args.seed, shard_bytes=int(args.shard_size_mb * 2**20))
+                  if args.corpus_files else DatasetShardReader(source, rank, world))
+        stream = PackedStream(reader, tokenizer, batch_size=args.per_device_train_batch_size,
+                              shuffle_buffer_size=args.shuffle_buffer_size, seed=args.seed, **packing)
+        train_dataloader, data_state = stream, stream
+        accelerator.print(f"corpus: streaming, process {rank} of {world} reads "
+                          + (f"{len(reader.units)} units" + (" (every P-th document)" if reader.by_document else "")
+                             if args.corpus_files else "its datasets shard"))
+    else:
+        with accelerator.main_process_first():  # the main process tokenizes and packs; the others hit the cache
+            entry, hit = build_packed_corpus(source, tokenizer, cache_dir=args.corpus_cache_dir, **packing)
+        if args.preprocess_only:
+            accelerator.print(f"corpus {'found in' if hit else 'written to'} the cache: {entry}")
+            accelerator.end_training()
+            return {"status": "preprocessed", "corpus": entry}
+        packed = PackedCorpus(entry, tokenizer.pad_token_id)
+        train_dataloader, data_state = make_train_dataloader(packed, args.per_device_train_batch_size, args.seed), None
+        corpus_info.update(corpus_cache_dir=entry, corpus_cache_hit=hit,
+                           **{k: packed.meta[k] for k in ("num_sequences", "num_tokens", "num_documents")})
+        accelerator.print(f"corpus: {'cache hit' if hit else 'tokenized and packed'} ({entry}): "
+                          f"{packed.meta['num_documents']} documents -> {len(packed)} sequences, "
+                          f"{packed.meta['num_tokens']} tokens")
+
+    # ---------------------------------------------------------------- teacher (frozen, not prepared), student
+    teacher = load_teacher(args.teacher_name_or_path, accelerator, args.teacher_dtype)
+    student, origin = make_student(args, accelerator, tokenizer)
+    distiller = build_distiller(student, teacher.config, args.layer_map, loss_kind=args.loss_kind,
+                                weights=kd_args.intermediate_loss_weights(args), relation_heads=args.relation_heads)
+    distiller.to(accelerator.device)
+    # Parameters no loss reaches (the pooler; above the last mapped layer) are frozen, so DDP needs no
+    # find_unused_parameters. Which ones depends on the models, not on the text: any two rows do.
+    probe = tokenizer(["which parameters do the losses reach?"] * 2, return_tensors="pt")
+    frozen = freeze_unreached_parameters(
+        distiller, teacher, {k: probe[k].to(accelerator.device) for k in ("input_ids", "attention_mask")})
+    trainable = sum(p.numel() for p in distiller.parameters() if p.requires_grad)
+    accelerator.print(f"student: {origin}; distiller: {distiller.describe()}; {trainable} trainable parameters"
+                      + (f"; frozen (no loss reaches them): {frozen}" if frozen else ""))
+
+    # ---------------------------------------------------------------- optimizer (projections included), prepare
+    optimizer = make_optimizer(distiller, args)
+    if args.streaming:
+        if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+            # DeepSpeed takes the micro-batch size from a prepared loader, and the stream is not prepared
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+                args.per_device_train_batch_size
+        model, optimizer = accelerator.prepare(distiller, optimizer)
+    else:
+        model, optimizer, train_dataloader = accelerator.prepare(distiller, optimizer, train_dataloader)
+    total_steps = args.max_train_steps
+    warmup_steps = (args.num_warmup_steps if args.num_warmup_steps is not None
+                    else math.ceil(args.warmup_ratio * total_steps))
+    scheduler = make_scheduler(optimizer, args, total_steps, warmup_steps)
+    init_trackers(accelerator, args, {"total_steps": total_steps, "layer_map_pairs": str(distiller.layer_map)})
+
+    # ---------------------------------------------------------------- loss
+    distill = make_compute_loss(teacher, distiller)
+    trace = DataTrace(os.path.join(args.output_dir, "data_trace"), rank) if args.trace_data else None
+
+    def compute_loss(model, batch):
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}  # the stream's are on CPU
+        if trace is not None:
+            trace.write(batch)
+        terms = distill(model, batch)
+        terms["tokens"] = batch["attention_mask"].sum()  # counted, not a loss: run_training logs tokens/s
+        return terms
+
+    # ---------------------------------------------------------------- train (resumes, mid-stream too)
+    result = run_training(accelerator, args, model=model, optimizer=optimizer, scheduler=scheduler,
+                          train_dataloader=train_dataloader, compute_loss=compute_loss, total_steps=total_steps,
+                          data_state=data_state)
+
+    # ---------------------------------------------------------------- save: the plain student, no projections
+    if result["status"] == "finished":
+        export_student(accelerator, model, tokenizer, args.output_dir)
+    if args.streaming:
+        corpus_info.update(stream_epoch=stream.epoch, stream_batches=stream.batches)
+    write_record(accelerator, args, "all_results.json" if result["status"] == "finished" else "preempted.json",
+                 run_record(args, accelerator, status=result["status"], state=result["state"],
+                            checkpoint=result["checkpoint"], total_steps=total_steps, student=origin,
+                            distiller=distiller.describe(), teacher_dtype=str(next(teacher.parameters()).dtype),
+                            frozen_parameters=frozen, corpus=corpus_info, train_metrics=result["train_metrics"]))
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
