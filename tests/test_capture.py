@@ -180,7 +180,7 @@ def test_student_capture_keeps_grad_teacher_capture_does_not():
 def test_gradient_checkpointing_replay_does_not_overwrite_capture():
     torch.manual_seed(0)
     model = BertModel(BertConfig(**BERT_LIKE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()
     model.train()
     cap = LayerCapture(model, layers=(2,), what={"scores", "qkv"}).register()
     model(**model_inputs(model, make_batch()))

@@ -332,7 +332,7 @@ def test_missing_teacher_layer_says_how_to_capture(batch):
 def test_distiller_works_with_activation_checkpointing(batch):
     teacher = tiny_bert(hidden=32, layers=4, heads=4, seed=0)
     student = tiny_bert(hidden=24, layers=2, heads=4, seed=1)
-    student.activation_checkpointing_enable()
+    student.gradient_checkpointing_enable()
     distiller = IntermediateDistiller(student, parse_layer_map("uniform", 2, 4), teacher.config,
                                       weights={"relation": 1.0}, relation_heads=4)
     distiller.train()
