@@ -321,7 +321,7 @@ def run_training(
                     desc="train", unit="step", dynamic_ncols=True)
     eval_metrics: dict = {}
     running: dict[str, float] = {}
-    t_start, samples_seen = time.perf_counter(), 0
+    t_start, cpu_start, samples_seen = time.perf_counter(), time.process_time(), 0
     tokens_seen, interval_tokens, t_interval = 0.0, 0.0, t_start
 
     def log(values: dict, step: int) -> None:
@@ -433,7 +433,9 @@ def run_training(
                 eval_metrics = do_eval()
     progress.close()
     elapsed = time.perf_counter() - t_start
-    train_metrics = {"train_runtime_s": elapsed, "train_samples_per_s": samples_seen / max(elapsed, 1e-9),
+    # CPU seconds of this process too: on a shared machine wall time also measures the neighbours.
+    train_metrics = {"train_runtime_s": elapsed, "train_cpu_s": time.process_time() - cpu_start,
+                     "train_samples_per_s": samples_seen / max(elapsed, 1e-9),
                      "completed_steps": state.completed_steps}
     if tokens_seen:
         train_metrics.update(train_tokens=int(tokens_seen), train_tokens_per_s=tokens_seen / max(elapsed, 1e-9))
