@@ -1,6 +1,6 @@
 """Shared pytest fixtures: small real data, tiny random QA models with real fast tokenizers.
 
-Everything is built offline at test time; nothing reads ../shared or a model hub.
+Everything is built offline at test time; nothing reads the machine-local shared data folder or a model hub.
 
 Session-scoped (built once, treat as read-only; load a fresh copy when a test mutates it):
 
