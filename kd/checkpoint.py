@@ -50,6 +50,21 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def publish_dir(tmp: str, entry: str, marker: str = "meta.json") -> None:
+    """Rename a finished temp dir to ``entry``, the cache entry it completes (``marker`` inside marks it whole).
+
+    Debris of an interrupted writer (an ``entry`` without its marker) is cleared first; a concurrent writer of
+    the same key that got there first wins harmlessly (same content). The caller removes ``tmp`` afterwards.
+    """
+    if os.path.isdir(entry) and not os.path.isfile(os.path.join(entry, marker)):
+        shutil.rmtree(entry, ignore_errors=True)
+    try:
+        os.rename(tmp, entry)
+    except OSError:
+        if not os.path.isfile(os.path.join(entry, marker)):
+            raise
+
+
 class CheckpointManager:
     """Saves, finds, prunes and restores checkpoints under ``<output_dir>/checkpoints``."""
 

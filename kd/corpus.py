@@ -56,6 +56,8 @@ from itertools import islice
 import numpy as np
 import torch
 
+from kd.checkpoint import publish_dir
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the packed layout or the packing rules change: old cache entries are then missed
@@ -497,13 +499,7 @@ def build_packed_corpus(source, tokenizer, *, max_seq_length: int, respect_docum
                 "build_seconds": round(time.perf_counter() - t0, 3)}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.isdir(entry) and not os.path.isfile(os.path.join(entry, "meta.json")):
-            shutil.rmtree(entry, ignore_errors=True)  # debris of an interrupted writer
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not os.path.isfile(os.path.join(entry, "meta.json")):  # a concurrent writer of the same key won
-                raise
+        publish_dir(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return entry, False

@@ -23,6 +23,8 @@ import uuid
 import numpy as np
 import torch
 
+from kd.checkpoint import publish_dir
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
@@ -98,13 +100,7 @@ def _publish(entry: str, start: np.ndarray, end: np.ndarray, meta: dict) -> None
         np.save(os.path.join(tmp, "end_logits.npy"), end)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.isdir(entry) and not os.path.isfile(os.path.join(entry, "meta.json")):
-            shutil.rmtree(entry, ignore_errors=True)  # debris of an interrupted writer
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not os.path.isfile(os.path.join(entry, "meta.json")):
-                raise
+        publish_dir(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
