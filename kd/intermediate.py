@@ -595,9 +595,9 @@ def lean_attention_score_loss(student_qk: tuple[torch.Tensor, torch.Tensor], tea
     """kd.losses.attention_score_loss of the scores Q K^T / sqrt(d_head), from the queries and keys, fused.
 
     student_qk, teacher_qk: (q, k), each [B, heads, T, d_head] (kd.capture "qkv"; a v is ignored); heads must be
-    equal, d_head may differ; values at padded positions may be anything finite. attention_mask: [B, T]. Same value and gradient as the whole-tensor loss up to float
-    rounding (computed in fp32 whatever the inputs), with one chunk of [b, heads, T, T] alive at a time and no
-    T x T tensor kept for backward. Returns a float32 scalar.
+    equal, d_head may differ; values at padded positions may be anything finite. attention_mask: [B, T].
+    Same value and gradient as the whole-tensor loss up to float rounding (computed in fp32 whatever the inputs),
+    with one chunk of [b, heads, T, T] alive at a time and no T x T tensor kept for backward. Returns a float32 scalar.
     """
     qs, ks = student_qk[0], student_qk[1]
     qt, kt = teacher_qk[0], teacher_qk[1]

@@ -23,7 +23,8 @@ def free_port() -> int:
 def script_env() -> dict:
     # No WANDB_MODE: the scripts must fall back to offline W&B by themselves when there is no account.
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
+               HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                TRANSFORMERS_VERBOSITY="error")
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         env.pop(name, None)
