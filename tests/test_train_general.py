@@ -3,7 +3,12 @@ with a tiny random 4-layer BERT teacher (BertForMaskedLM, the tiny WordPiece tok
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertConfi
 import train_general
 from kd.corpus import tokenize
 from tests.conftest import FIXTURES_DIR, TINY_MAX_POSITIONS, _tiny_model_kwargs, build_tiny_bert_tokenizer
-from tests.helpers import launch, read_json, read_jsonl
+from tests.helpers import REPO_ROOT, launch, read_json, read_jsonl, script_env
 
 SAMPLE = FIXTURES_DIR / "wiki_leads_sample.txt"
 SCRIPT = "train_general.py"
@@ -180,6 +185,38 @@ def test_streaming_under_deepspeed_matches_ddp_and_resumes(teacher_dir, tmp_path
         assert read_jsonl(resumed / "data_trace" / f"rank{rank}.jsonl") == a[len(a) // 2:]
     wa, wb = load_file(str(zero / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+
+
+def test_streaming_preempted_by_sigterm_resumes_without_rereading(teacher_dir, tmp_path):
+    """SIGTERM (what SLURM sends) in the middle of a streaming run with gradient accumulation: the run saves a
+    checkpoint at the next optimizer step, with the reading position, and exits cleanly; resumed into the same
+    output dir, it reads on from there. The trace of both runs together equals an uninterrupted run's."""
+    common = ["--streaming", "--shuffle_buffer_size", "16", "--trace_data", "--num_hidden_layers", "2",
+              "--gradient_accumulation_steps", "2"]
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, str(REPO_ROOT / SCRIPT), *map(str, _args(teacher_dir, out, *common,
+                                                                   "--max_train_steps", "100000"))]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log, deadline = out / "train_log.jsonl", time.time() + 300
+    while not (log.exists() and len(read_jsonl(log)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training ended or stalled before the signal"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Preempted by SIGTERM" in output, output[-3000:]
+    record = read_json(out / "preempted.json")
+    steps = record["state"]["completed_steps"]
+    assert os.path.isfile(os.path.join(record["checkpoint"], "data_state_0.json"))
+    assert len(read_jsonl(out / "data_trace" / "rank0.jsonl")) == 2 * steps  # whole accumulation cycles only
+
+    launch(SCRIPT, _args(teacher_dir, out, *common, "--max_train_steps", steps + 3,
+                         "--resume_from_checkpoint", "latest"))
+    reference = tmp_path / "uninterrupted"
+    launch(SCRIPT, _args(teacher_dir, reference, *common, "--max_train_steps", steps + 3))
+    trace = read_jsonl(out / "data_trace" / "rank0.jsonl")
+    assert len(trace) == 2 * (steps + 3) and trace == read_jsonl(reference / "data_trace" / "rank0.jsonl")
+    assert [r["step"] for r in read_jsonl(log) if "train/loss" in r][-4:] == [steps, steps + 1, steps + 2, steps + 3]
 
 
 @pytest.mark.parametrize("extra, message", [
