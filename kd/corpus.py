@@ -598,6 +598,12 @@ class DatasetShardReader:
         self.corpus, self.rank, self.num_processes = corpus, rank, num_processes
         self.dataset = split_dataset_by_node(corpus.dataset, rank=rank, world_size=num_processes)
         self.initial = self.dataset.state_dict()
+        shards = corpus.dataset.num_shards
+        if num_processes > 1 and shards % num_processes and rank == 0:
+            logger.warning(f"{corpus.name}: {shards} shards do not divide among {num_processes} processes, so every "
+                           f"process reads the whole stream and keeps every {num_processes}-th document (correct, "
+                           f"but reading costs {num_processes}x); a process count that divides {shards} reads "
+                           "whole shards")
 
     def describe(self) -> dict:
         return {"source": self.corpus.fingerprint(), "rank": self.rank, "num_processes": self.num_processes}

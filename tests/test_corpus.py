@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -335,6 +336,18 @@ def test_stream_state_survives_staging_the_corpus_elsewhere(tiny_bert_tokenizer,
     b = make_stream(FileShardReader(FileCorpus([str(staged)]), 0, 1), tiny_bert_tokenizer)
     b.load_state_dict(a.state_dict())
     assert take(b, 4) == take(a, 4)
+
+
+@pytest.mark.parametrize("files, warned", [(2, False), (3, True)])
+def test_datasets_stream_split_by_example_is_announced(sample_docs, tmp_path, caplog, files, warned):
+    """2 processes: 2 shards are split whole; 3 cannot be, so datasets has every process read all of them."""
+    paths = [write_jsonl(tmp_path / f"{i}.jsonl", sample_docs[i::files]) for i in range(files)]
+    with caplog.at_level("WARNING", logger="kd.corpus"):
+        readers = [DatasetShardReader(DatasetCorpus("json", data_files=paths, streaming=True), r, 2) for r in (0, 1)]
+    assert ("every 2-th document" in caplog.text) is warned
+    first_pass = [[text for text, _ in itertools.takewhile(lambda d: d[1]["epoch"] == 0, r.documents())]
+                  for r in readers]
+    assert sorted(first_pass[0] + first_pass[1]) == sorted(sample_docs)  # disjoint and complete either way
 
 
 def test_a_datasets_corpus_is_read_like_files(tiny_bert_tokenizer, sample_docs, tmp_path):
