@@ -601,7 +601,7 @@ class DatasetShardReader:
         shards = corpus.dataset.num_shards
         if num_processes > 1 and shards % num_processes and rank == 0:
             logger.warning(f"{corpus.name}: {shards} shards do not divide among {num_processes} processes, so every "
-                           f"process reads the whole stream and keeps every {num_processes}-th document (correct, "
+                           f"process reads the whole stream and keeps one document in {num_processes} (correct, "
                            f"but reading costs {num_processes}x); a process count that divides {shards} reads "
                            "whole shards")
 
