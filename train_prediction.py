@@ -36,7 +36,7 @@ from kd import args as kd_args
 from kd.compat import assert_same_tokenization
 from kd.losses import prediction_distillation_loss
 from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
-from kd.squad import load_squad, model_input_columns, prepare_eval_features, prepare_train_features
+from kd.squad import load_squad, model_input_arrays, prepare_eval_features, prepare_train_features
 from kd.teacher_cache import teacher_logits
 from kd.training import (TensorDictDataset, init_trackers, make_optimizer, make_scheduler, make_train_dataloader,
                          run_record, run_training, setup_accelerator, training_steps, write_record)
@@ -68,19 +68,16 @@ def main(argv=None):
                   max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers)
     with accelerator.main_process_first():
         train_examples = load_squad(args.train_file or args.dataset_name, split="train",
-                                    config=args.dataset_config_name, skip_invalid=args.skip_invalid)
-        if args.max_train_samples:
-            train_examples = train_examples.select(range(min(args.max_train_samples, len(train_examples))))
+                                    config=args.dataset_config_name, skip_invalid=args.skip_invalid,
+                                    max_samples=args.max_train_samples)
         train_features = prepare_train_features(train_examples, tokenizer, **window)
         eval_examples = eval_features = None
         if args.validation_file or args.dataset_name:
             eval_examples = load_squad(args.validation_file or args.dataset_name, split="validation",
-                                       config=args.dataset_config_name, skip_invalid=args.skip_invalid)
-            if args.max_eval_samples:
-                eval_examples = eval_examples.select(range(min(args.max_eval_samples, len(eval_examples))))
+                                       config=args.dataset_config_name, skip_invalid=args.skip_invalid,
+                                       max_samples=args.max_eval_samples)
             eval_features = prepare_eval_features(eval_examples, tokenizer, **window)
-    numpy_features = train_features.with_format("numpy")
-    inputs = {c: np.asarray(numpy_features[c], dtype=np.int32) for c in model_input_columns(train_features)}
+    inputs = model_input_arrays(train_features)
     columns = {**inputs, "start_positions": np.asarray(train_features["start_positions"]),
                "end_positions": np.asarray(train_features["end_positions"])}
     accelerator.print(f"train: {len(train_examples)} questions -> {len(train_features)} features; "

@@ -30,7 +30,6 @@ map, loss settings, frozen parameters, held-out losses).
 import argparse
 import sys
 
-import numpy as np
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
@@ -38,7 +37,7 @@ from kd import args as kd_args
 from kd.compat import assert_same_tokenization
 from kd.intermediate import (build_distiller, check_distillation_setup, export_student, freeze_outside_encoder,
                              freeze_unreached_parameters, heldout_loss, load_teacher, make_compute_loss, no_zero3_init)
-from kd.squad import load_squad, model_input_columns, prepare_train_features
+from kd.squad import load_squad, model_input_arrays, prepare_train_features
 from kd.training import (TensorDictDataset, init_trackers, make_optimizer, make_scheduler, make_train_dataloader,
                          run_record, run_training, setup_accelerator, training_steps, write_record)
 
@@ -79,24 +78,18 @@ def main(argv=None):
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers)
 
-    def input_arrays(features):
-        numpy_features = features.with_format("numpy")
-        return {c: np.asarray(numpy_features[c], dtype=np.int32) for c in model_input_columns(features)}
-
     with accelerator.main_process_first():
         train_examples = load_squad(args.train_file or args.dataset_name, split="train",
-                                    config=args.dataset_config_name, skip_invalid=args.skip_invalid)
-        if args.max_train_samples:
-            train_examples = train_examples.select(range(min(args.max_train_samples, len(train_examples))))
+                                    config=args.dataset_config_name, skip_invalid=args.skip_invalid,
+                                    max_samples=args.max_train_samples)
         assert_same_tokenization(args.model_name_or_path, tokenizer, args.teacher_name_or_path, teacher_tokenizer,
                                  train_examples, lambda ex, tok: prepare_train_features(ex, tok, **window))
-        inputs = input_arrays(prepare_train_features(train_examples, tokenizer, **window))
+        inputs = model_input_arrays(prepare_train_features(train_examples, tokenizer, **window))
         eval_inputs = None
         if args.validation_file:
-            eval_examples = load_squad(args.validation_file, split="validation", skip_invalid=args.skip_invalid)
-            if args.max_eval_samples:
-                eval_examples = eval_examples.select(range(min(args.max_eval_samples, len(eval_examples))))
-            eval_inputs = input_arrays(prepare_train_features(eval_examples, tokenizer, **window))
+            eval_examples = load_squad(args.validation_file, split="validation", skip_invalid=args.skip_invalid,
+                                       max_samples=args.max_eval_samples)
+            eval_inputs = model_input_arrays(prepare_train_features(eval_examples, tokenizer, **window))
     num_features = len(inputs["input_ids"])
     accelerator.print(f"train: {len(train_examples)} questions -> {num_features} windows; held-out: "
                       f"{len(eval_inputs['input_ids']) if eval_inputs else 0} windows")

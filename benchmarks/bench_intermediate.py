@@ -71,8 +71,7 @@ def minilm_path() -> str:
 
 def make_batch(args, device) -> dict[str, torch.Tensor]:
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    examples = load_squad(args.train_file)
-    examples = examples.select(range(min(len(examples), 4 * args.batch_size)))
+    examples = load_squad(args.train_file, max_samples=4 * args.batch_size)
     features = prepare_train_features(examples, tok, max_seq_length=args.max_seq_length, doc_stride=128,
                                       max_query_length=64)
     assert len(features) >= args.batch_size, f"only {len(features)} windows"

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +30,7 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
 
 import train_prediction  # noqa: E402
-from kd.squad import load_squad, model_input_columns, prepare_train_features  # noqa: E402
+from kd.squad import load_squad, model_input_arrays, prepare_train_features  # noqa: E402
 from kd.student import student_from_teacher_layers  # noqa: E402
 from kd.teacher_cache import teacher_logits  # noqa: E402
 from kd.training import TensorDictDataset, batch_is_ready  # noqa: E402
@@ -101,7 +100,7 @@ def main():
     examples = load_squad(args.train_file, split="train").select(range(args.max_train_samples))
     tok = AutoTokenizer.from_pretrained(paths["teacher"])
     features = prepare_train_features(examples, tok, max_seq_length=256, doc_stride=128, max_query_length=64)
-    columns = {c: np.asarray(features.with_format("numpy")[c], dtype=np.int32) for c in model_input_columns(features)}
+    columns = model_input_arrays(features)
     n_features = len(features)
     print(f"{len(examples)} questions -> {n_features} features at max_seq_length 256", flush=True)
 

@@ -293,7 +293,8 @@ def _hub_records(name: str, config: str | None, split: str) -> list[dict]:
 
 
 def load_squad(
-    source: str, split: str = "train", config: str | None = None, skip_invalid: bool = False
+    source: str, split: str = "train", config: str | None = None, skip_invalid: bool = False,
+    max_samples: int | None = None,
 ) -> datasets.Dataset:
     """Load validated flat SQuAD records as a ``datasets.Dataset``.
 
@@ -301,6 +302,7 @@ def load_squad(
         source: a local nested SQuAD ``.json`` file, or a ``datasets`` name such as "squad_v2".
         split, config: used for ``datasets`` names only (a local file is one split).
         skip_invalid: drop invalid records (logging how many) instead of raising.
+        max_samples: keep only the first N valid questions (debugging, quick runs); None keeps all.
 
     Returns:
         Dataset with columns id, title, context, question, answers (see :data:`SQUAD_FEATURES`).
@@ -319,6 +321,8 @@ def load_squad(
         )
     if not records:
         raise SquadFormatError(f"{source}: no valid questions to use.")
+    if max_samples is not None:
+        records = records[:max_samples]
     logger.info("Loaded %d questions from %s", len(records), source)
     return datasets.Dataset.from_list(records, features=SQUAD_FEATURES)
 
@@ -555,6 +559,12 @@ def prepare_eval_features(
 def model_input_columns(features: datasets.Dataset) -> list[str]:
     """The feature columns a QA model takes as keyword inputs."""
     return [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in features.column_names]
+
+
+def model_input_arrays(features: datasets.Dataset) -> dict[str, np.ndarray]:
+    """The model-input columns of windows as int32 arrays, each [num_windows, max_seq_length]."""
+    numpy_features = features.with_format("numpy")
+    return {c: np.asarray(numpy_features[c], dtype=np.int32) for c in model_input_columns(features)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -171,6 +171,11 @@ def test_skip_invalid_drops_records_and_logs_the_count(fixture_json, tmp_path, c
     assert qa["id"] not in ds["id"] and dropped not in ds["id"]
     assert "Skipped 2 invalid record(s) of 128" in caplog.text
 
+    # --max_train_samples / --max_eval_samples: the first N of the valid questions
+    n = [r["id"] for r in flatten_squad(fixture_json, "")].index(dropped) + 3  # past both dropped records
+    first = load_squad(str(path), skip_invalid=True, max_samples=n)
+    assert first["id"] == ds["id"][:n] and len(first) == n
+
     records = flatten_squad(data, str(path))
     valid, problems = validate_records(records, str(path), skip_invalid=True)
     assert len(valid) == 126 and len(problems) == 2
