@@ -34,10 +34,10 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from kd.augment import (GloVe, GloVeFormatError, MaskedLMCandidates, blocks_of_process, glove_neighbours,
-                        glove_rows_of_process, load_glove, merge_shards, mlm_candidates, paragraph_copies,
-                        paragraph_segments, segment_candidates, shard_line, tokenizer_word_marker,
-                        validate_squad_for_augmentation)
+from kd.augment import (blocks_of_process, merge_shards, paragraph_copies, paragraph_segments, segment_candidates,
+                        shard_line, validate_squad_for_augmentation)
+from kd.glove import GloVe, GloVeFormatError, glove_neighbours, glove_rows_of_process, load_glove
+from kd.masked_lm import MaskedLMCandidates, mlm_candidates, tokenizer_word_marker
 from kd.squad import SquadFormatError, read_squad_json
 
 logger = logging.getLogger("augment")

@@ -40,9 +40,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-from kd.checkpoint import write_json_atomic
+from kd import args as kd_args
+from kd.features import check_window_args, prepare_eval_features
+from kd.files import write_json_atomic
 from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
-from kd.squad import SquadFormatError, check_window_args, has_unanswerable, load_squad, prepare_eval_features
+from kd.squad import SquadFormatError, has_unanswerable, load_squad
 from kd.squad_metrics import squad_evaluate
 
 logger = logging.getLogger("evaluate")
@@ -52,32 +54,19 @@ NON_WEIGHT_BIN_FILES = {"training_args.bin", "optimizer.bin", "scheduler.bin", "
 _UNSET_MODEL_MAX_LENGTH = 10**9
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate an extractive QA model on SQuAD-format data, or score a predictions file.",
+        parents=[kd_args.window_args(), kd_args.eval_batch_args(), kd_args.answer_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--model_name_or_path", help="QA model (and tokenizer) directory to run.")
     mode.add_argument("--predictions", help="Existing predictions JSON ({id: answer}) to score instead.")
     parser.add_argument("--validation_file", required=True, help="SQuAD .json file or a datasets name.")
-    parser.add_argument("--dataset_config_name", default=None, help="datasets config (hub datasets only).")
     parser.add_argument("--validation_split", default="validation", help="datasets split (hub datasets only).")
-    parser.add_argument("--skip_invalid", action="store_true", help="Drop invalid questions instead of failing.")
+    kd_args.add_dataset_config_name(parser)
+    kd_args.add_skip_invalid(parser)
     parser.add_argument("--output_dir", default=None, help="Where to write the result files (main process).")
 
     scoring = parser.add_argument_group("scoring a predictions file (--predictions)")
@@ -88,23 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     model = parser.add_argument_group("running a model (--model_name_or_path)")
-    model.add_argument("--max_seq_length", type=_positive_int, default=384)
-    model.add_argument("--doc_stride", type=_positive_int, default=128)
-    model.add_argument("--max_query_length", type=_positive_int, default=64)
-    model.add_argument("--n_best_size", type=_positive_int, default=20)
-    model.add_argument("--max_answer_length", type=_positive_int, default=30)
-    model.add_argument("--per_device_eval_batch_size", type=_positive_int, default=32)
-    model.add_argument(
-        "--no_answer_threshold", type=float, default=0.0,
-        help="Predict no answer when null score - best span score exceeds this (SQuAD 2.0 data).",
-    )
     model.add_argument(
         "--version_2_with_negative", action=argparse.BooleanOptionalAction, default=None,
         help="Allow no-answer predictions; default: yes if the data has unanswerable questions.",
     )
-    model.add_argument("--preprocessing_num_workers", type=_positive_int, default=None)
-    model.add_argument("--warmup_batches", type=_non_negative_int, default=2)
-    model.add_argument("--timing_batches", type=_positive_int, default=5)
+    model.add_argument("--warmup_batches", type=kd_args.non_negative_int, default=2)
+    model.add_argument("--timing_batches", type=kd_args.positive_int, default=5)
     model.add_argument("--seed", type=int, default=42, help="Seeds e.g. a randomly initialised QA head.")
     return parser
 
@@ -123,11 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--na_prob_file only applies to scoring a predictions file (--predictions); a model run "
             "computes its own null odds."
         )
-    if args.max_query_length >= args.max_seq_length:
-        parser.error(
-            f"--max_query_length ({args.max_query_length}) must be smaller than --max_seq_length "
-            f"({args.max_seq_length}) to leave room for the context."
-        )
+    kd_args.check_windows(parser, args)
     return args
 
 

@@ -7,7 +7,7 @@ its mapped layers match the teacher's pre-softmax attention scores, hidden state
 (kd.intermediate). No labels. The result is the starting point of task distillation.
 
 The corpus is packed into --max_seq_length sequences of contiguous tokens ([CLS] ... [SEP], no padding; see
-kd/corpus.py for the packing rules and --respect_document_boundaries). Without --streaming it is tokenized and
+kd/packing.py for the packing rules and --respect_document_boundaries). Without --streaming it is tokenized and
 packed once into a cache (keyed by files, tokenizer and settings), memory-mapped, shuffled per epoch by seed
 and split across processes by Accelerate. With --streaming every process reads its own shard on the fly,
 shuffles packed sequences in a seeded buffer, and saves its exact reading position in every checkpoint, so a
@@ -38,7 +38,6 @@ each term, tokens/s), checkpoints/ (with each process's data position when strea
 
 import argparse
 import copy
-import math
 import os
 import sys
 
@@ -46,28 +45,34 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from kd import args as kd_args
-from kd.corpus import (DataTrace, DatasetCorpus, DatasetShardReader, FileCorpus, FileShardReader, PackedCorpus,
-                       PackedStream, build_packed_corpus)
-from kd.intermediate import (build_distiller, export_student, freeze_unreached_parameters, load_teacher,
-                             make_compute_loss, no_zero3_init)
+from kd.checkpoint import CheckpointManager
+from kd.corpus import DatasetCorpus, FileCorpus
+from kd.data import make_train_dataloader
+from kd.intermediate import build_distiller, freeze_unreached_parameters, make_compute_loss
+from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
+from kd.models import export_student, load_teacher, no_zero3_init
+from kd.optim import make_optimizer, make_scheduler, total_and_warmup_steps
+from kd.packing import DataTrace, PackedCorpus, build_packed_corpus
+from kd.records import run_record, write_outcome, write_record
+from kd.runtime import init_trackers, setup_accelerator
+from kd.streaming import DatasetShardReader, FileShardReader, PackedStream
 from kd.student import parse_layer_selection, student_config_of_size, student_from_teacher_layers
-from kd.training import (init_trackers, make_optimizer, make_scheduler, make_train_dataloader, run_record,
-                         run_training, setup_accelerator, write_record)
 
 # RoBERTa-style models number positions from pad_token_id + 1, so they hold 2 positions fewer than they have
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
 
 def parse_args(argv=None):
+    """The arguments, and the settings resolved from them: (args, {"corpus_files", "loss_weights", "distiller"})."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         parents=[kd_args.general_distillation_args(), kd_args.intermediate_distillation_args(),
                  kd_args.training_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     args = parser.parse_args(argv)
-    kd_args.check_common(parser, args)
-    kd_args.check_general_distillation(parser, args)
-    kd_args.check_intermediate_distillation(parser, args)
+    kd_args.check_training(parser, args)
+    corpus_files = kd_args.check_general_distillation(parser, args)
+    weights = kd_args.check_intermediate_distillation(parser, args)
     try:  # from the configs alone: a bad student size, layer map or loss setting fails before anything is loaded
         teacher_config = AutoConfig.from_pretrained(args.teacher_name_or_path)
         config = student_config(args, teacher_config)
@@ -76,12 +81,12 @@ def parse_args(argv=None):
             if args.max_seq_length > room:
                 raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the {who}'s {room} positions")
         with torch.device("meta"):
-            args.distiller_settings = build_distiller(
+            distiller = build_distiller(
                 AutoModel.from_config(config), teacher_config, args.layer_map, loss_kind=args.loss_kind,
-                weights=kd_args.intermediate_loss_weights(args), relation_heads=args.relation_heads).describe()
+                weights=weights, relation_heads=args.relation_heads).describe()
     except (ValueError, OSError) as e:
         parser.error(f"teacher {args.teacher_name_or_path}: {e}")
-    return args
+    return args, {"corpus_files": corpus_files, "loss_weights": weights, "distiller": distiller}
 
 
 def student_config(args, teacher_config):
@@ -131,16 +136,16 @@ def check_student_tokenizer(student_path, teacher_tokenizer, teacher_path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    accelerator = setup_accelerator(args)
-    write_record(accelerator, args, "run_config.json", run_record(args, accelerator))
+    args, resolved = parse_args(argv)
+    accelerator = setup_accelerator(args.output_dir, args.seed, args.gradient_accumulation_steps, args.report_to)
+    write_record(accelerator, args.output_dir, "run_config.json", run_record(vars(args), accelerator, **resolved))
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # ---------------------------------------------------------------- data: the teacher's tokenizer, packed text
     tokenizer = AutoTokenizer.from_pretrained(args.teacher_name_or_path)
     packing = dict(max_seq_length=args.max_seq_length, respect_document_boundaries=args.respect_document_boundaries)
-    if args.corpus_files:
-        source = FileCorpus(args.corpus_files, text_column=args.text_column, line_by_line=args.line_by_line)
+    if resolved["corpus_files"]:
+        source = FileCorpus(resolved["corpus_files"], text_column=args.text_column, line_by_line=args.line_by_line)
         source.validate()
     else:
         source = DatasetCorpus(args.dataset_name, args.dataset_config_name, split=args.dataset_split,
@@ -152,33 +157,31 @@ def main(argv=None):
         # DataLoaderDispatcher), re-splitting data already split, reading one batch ahead of what training
         # consumed, and resuming only by re-reading and discarding batches.
         reader = (FileShardReader(source, rank, world, seed=args.seed, shard_bytes=int(args.shard_size_mb * 2**20))
-                  if args.corpus_files else DatasetShardReader(source, rank, world))
-        stream = PackedStream(reader, tokenizer, batch_size=args.per_device_train_batch_size,
-                              shuffle_buffer_size=args.shuffle_buffer_size, seed=args.seed, **packing)
-        train_dataloader, data_state = stream, stream
-        accelerator.print(f"corpus: streaming, process {rank} of {world} reads "
-                          + (f"{len(reader.units)} units" + (" (every P-th document)" if reader.by_document else "")
-                             if args.corpus_files else "its datasets shard"))
+                  if resolved["corpus_files"] else DatasetShardReader(source, rank, world))
+        train_dataloader = PackedStream(reader, tokenizer, batch_size=args.per_device_train_batch_size,
+                                        shuffle_buffer_size=args.shuffle_buffer_size, seed=args.seed, **packing)
+        corpus_info["reading"] = (f"process {rank} of {world} reads "
+                                  + (f"{len(reader.units)} units" + (" (every P-th document)" if reader.by_document
+                                                                     else "")
+                                     if resolved["corpus_files"] else "its datasets shard"))
     else:
         with accelerator.main_process_first():  # the main process tokenizes and packs; the others hit the cache
             entry, hit = build_packed_corpus(source, tokenizer, cache_dir=args.corpus_cache_dir, **packing)
         if args.preprocess_only:
             accelerator.print(f"corpus {'found in' if hit else 'written to'} the cache: {entry}")
             accelerator.end_training()
-            return {"status": "preprocessed", "corpus": entry}
+            return
         packed = PackedCorpus(entry, tokenizer.pad_token_id)
-        train_dataloader, data_state = make_train_dataloader(packed, args.per_device_train_batch_size, args.seed), None
+        train_dataloader = make_train_dataloader(packed, args.per_device_train_batch_size, args.seed)
         corpus_info.update(corpus_cache_dir=entry, corpus_cache_hit=hit,
                            **{k: packed.meta[k] for k in ("num_sequences", "num_tokens", "num_documents")})
-        accelerator.print(f"corpus: {'cache hit' if hit else 'tokenized and packed'} ({entry}): "
-                          f"{packed.meta['num_documents']} documents -> {len(packed)} sequences, "
-                          f"{packed.meta['num_tokens']} tokens")
+        accelerator.print(f"corpus: {'cache hit' if hit else 'tokenized and packed'} ({entry})")
 
     # ---------------------------------------------------------------- teacher (frozen, not prepared), student
     teacher = load_teacher(args.teacher_name_or_path, accelerator, args.teacher_dtype)
     student, origin = make_student(args, accelerator, tokenizer)
     distiller = build_distiller(student, teacher.config, args.layer_map, loss_kind=args.loss_kind,
-                                weights=kd_args.intermediate_loss_weights(args), relation_heads=args.relation_heads)
+                                weights=resolved["loss_weights"], relation_heads=args.relation_heads)
     distiller.to(accelerator.device)
     # Parameters no loss reaches (the pooler; above the last mapped layer) are frozen, so DDP needs no
     # find_unused_parameters. Which ones depends on the models, not on the text: any two rows do.
@@ -190,7 +193,7 @@ def main(argv=None):
                       + (f"; frozen (no loss reaches them): {frozen}" if frozen else ""))
 
     # ---------------------------------------------------------------- optimizer (projections included), prepare
-    optimizer = make_optimizer(distiller, args)
+    optimizer = make_optimizer(distiller, args.learning_rate, args.weight_decay)
     if args.streaming:
         if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
             # DeepSpeed takes the micro-batch size from a prepared loader, and the stream is not prepared
@@ -199,41 +202,70 @@ def main(argv=None):
         model, optimizer = accelerator.prepare(distiller, optimizer)
     else:
         model, optimizer, train_dataloader = accelerator.prepare(distiller, optimizer, train_dataloader)
-    total_steps = args.max_train_steps
-    warmup_steps = (args.num_warmup_steps if args.num_warmup_steps is not None
-                    else math.ceil(args.warmup_ratio * total_steps))
-    scheduler = make_scheduler(optimizer, args, total_steps, warmup_steps)
-    init_trackers(accelerator, args, {"total_steps": total_steps, "layer_map_pairs": str(distiller.layer_map)})
-
-    # ---------------------------------------------------------------- loss
-    distill = make_compute_loss(teacher, distiller)
+    batches_per_epoch = None if args.streaming else len(train_dataloader)  # a stream counts its epochs itself
+    total_steps, warmup_steps = total_and_warmup_steps(
+        None, num_train_epochs=args.num_train_epochs, max_train_steps=args.max_train_steps,
+        num_warmup_steps=args.num_warmup_steps, warmup_ratio=args.warmup_ratio)
+    scheduler = make_scheduler(optimizer, args.lr_scheduler_type, total_steps, warmup_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    init_trackers(accelerator, args.project_name, args.run_name, args.output_dir,
+                  {**vars(args), "total_steps": total_steps, "layer_map_pairs": str(distiller.layer_map)})
+    distill = make_compute_loss(teacher, distiller)  # teacher capture (no grad) + student forward + loss terms
     trace = DataTrace(os.path.join(args.output_dir, "data_trace"), rank) if args.trace_data else None
 
-    def compute_loss(model, batch):
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}  # the stream's are on CPU
-        if trace is not None:
-            trace.write(batch)
-        terms = distill(model, batch)
-        terms["tokens"] = batch["attention_mask"].sum()  # counted, not a loss: run_training logs tokens/s
-        return terms
+    # ---------------------------------------------------------------- resume (mid-stream too: the stream's position)
+    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit,
+                                    data_state=train_dataloader if args.streaming else None)
+    state = checkpoints.resume(accelerator, args.resume_from_checkpoint)
+    sync = StepSync(accelerator, args.gradient_accumulation_steps, checkpoints, state)
+    train_log = TrainLog(accelerator, args.output_dir, args.logging_steps, total_steps, state.completed_steps)
+    log_banner(accelerator, data=corpus_info.get("reading") or f"{packed.meta['num_documents']} documents -> "
+               f"{len(packed)} sequences of {args.max_seq_length} tokens",
+               per_device_batch_size=args.per_device_train_batch_size,
+               accumulation_steps=args.gradient_accumulation_steps, total_steps=total_steps,
+               output_dir=args.output_dir, state=state)
 
-    # ---------------------------------------------------------------- train (resumes, mid-stream too)
-    result = run_training(accelerator, args, model=model, optimizer=optimizer, scheduler=scheduler,
-                          train_dataloader=train_dataloader, compute_loss=compute_loss, total_steps=total_steps,
-                          data_state=data_state)
+    # ---------------------------------------------------------------- train
+    with PreemptionFlag() as preemption:
+        model.train()
+        for batch in train_batches(accelerator, train_dataloader, state, stateful=args.streaming):
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}  # a stream's are on CPU
+            if trace is not None:
+                trace.write(batch)
+            with accelerator.accumulate(model):
+                terms = distill(model, batch)  # {"loss", "loss_att", "loss_hidden", "loss_emb"} or {"loss", "loss_rel"}
+                accelerator.backward(terms["loss"])
+                sync.add(terms, samples=len(batch["input_ids"]), tokens=batch["attention_mask"].sum())
+                if accelerator.sync_gradients:  # the step's last micro-batch: one all-reduce, then the update
+                    means = sync.reduce(preemption.signum)  # raises NonFiniteLossError before a bad update
+                    means["grad_norm"] = clip_gradients(accelerator, model, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            end_of_epoch = state.advance(batches_per_epoch)
+            if not accelerator.sync_gradients:
+                continue
+            means["lr"] = scheduler.get_last_lr()[0]
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
+                scheduler.step()
+            state.completed_steps += 1
+            train_log.step(state.completed_steps, means)
+            done = state.completed_steps >= total_steps
+            if sync.preempted or end_of_epoch or done or every(args.checkpointing_steps, state.completed_steps):
+                checkpoints.save(accelerator, state)
+            if sync.preempted or done:
+                break
 
     # ---------------------------------------------------------------- save: the plain student, no projections
-    if result["status"] == "finished":
+    if not sync.preempted:
         export_student(accelerator, model, tokenizer, args.output_dir)
     if args.streaming:
-        corpus_info.update(stream_epoch=stream.epoch, stream_batches=stream.batches)
-    write_record(accelerator, args, "all_results.json" if result["status"] == "finished" else "preempted.json",
-                 run_record(args, accelerator, status=result["status"], state=result["state"],
-                            checkpoint=result["checkpoint"], total_steps=total_steps, student=origin,
-                            distiller=distiller.describe(), teacher_dtype=str(next(teacher.parameters()).dtype),
-                            frozen_parameters=frozen, corpus=corpus_info, train_metrics=result["train_metrics"]))
+        corpus_info.update(stream_epoch=train_dataloader.epoch, stream_batches=train_dataloader.batches)
+    write_outcome(accelerator, args.output_dir, run_record(
+        vars(args), accelerator, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
+        total_steps=total_steps, student=origin, teacher_dtype=str(next(teacher.parameters()).dtype),
+        frozen_parameters=frozen, corpus=corpus_info, train_metrics=train_log.summary(state.completed_steps)),
+        preempted_by=preemption.describe() if sync.preempted else None)
     accelerator.end_training()
-    return result
 
 
 if __name__ == "__main__":

@@ -34,54 +34,54 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from kd import args as kd_args
 from kd.compat import assert_same_tokenization
+from kd.checkpoint import CheckpointManager
+from kd.data import TensorDictDataset, make_train_dataloader
+from kd.features import model_input_arrays, prepare_eval_features, prepare_train_features
+from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.losses import prediction_distillation_loss
+from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
-from kd.squad import load_squad, model_input_arrays, prepare_eval_features, prepare_train_features
+from kd.records import run_record, write_outcome, write_record
+from kd.runtime import init_trackers, setup_accelerator
+from kd.squad import load_squad_splits
 from kd.teacher_cache import teacher_logits
-from kd.training import (TensorDictDataset, init_trackers, make_optimizer, make_scheduler, make_train_dataloader,
-                         run_record, run_training, setup_accelerator, training_steps, write_record)
 
 
 def parse_args(argv=None):
+    """The arguments, and the settings resolved from them: (args, {"distillation_loss_weight": w})."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        parents=[kd_args.squad_data_args(), kd_args.eval_args(), kd_args.training_args(),
-                 kd_args.prediction_distillation_args()],
+        parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.eval_batch_args(), kd_args.answer_args(),
+                 kd_args.training_args(), kd_args.prediction_distillation_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="The student (or the model to fine-tune).")
     args = parser.parse_args(argv)
-    kd_args.check_common(parser, args)
-    kd_args.check_prediction_distillation(parser, args)
-    if args.teacher_name_or_path is None:
-        args.distillation_loss_weight = 0.0  # plain fine-tuning: gold spans only
-    return args
+    kd_args.check_training(parser, args)
+    kd_args.check_squad_data(parser, args)
+    kd_args.check_windows(parser, args)
+    weight = kd_args.check_prediction_distillation(parser, args)  # 0 without a teacher: gold spans only
+    return args, {"distillation_loss_weight": weight}
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    accelerator = setup_accelerator(args)
-    write_record(accelerator, args, "run_config.json", run_record(args, accelerator))
+    args, resolved = parse_args(argv)
+    accelerator = setup_accelerator(args.output_dir, args.seed, args.gradient_accumulation_steps, args.report_to)
+    write_record(accelerator, args.output_dir, "run_config.json", run_record(vars(args), accelerator, **resolved))
 
     # ---------------------------------------------------------------- data
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers)
     with accelerator.main_process_first():
-        train_examples = load_squad(args.train_file or args.dataset_name, split="train",
-                                    config=args.dataset_config_name, skip_invalid=args.skip_invalid,
-                                    max_samples=args.max_train_samples)
+        train_examples, eval_examples = load_squad_splits(
+            args.train_file, args.validation_file, args.dataset_name, args.dataset_config_name,
+            skip_invalid=args.skip_invalid, max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples)
         train_features = prepare_train_features(train_examples, tokenizer, **window)
-        eval_examples = eval_features = None
-        if args.validation_file or args.dataset_name:
-            eval_examples = load_squad(args.validation_file or args.dataset_name, split="validation",
-                                       config=args.dataset_config_name, skip_invalid=args.skip_invalid,
-                                       max_samples=args.max_eval_samples)
-            eval_features = prepare_eval_features(eval_examples, tokenizer, **window)
+        eval_features = prepare_eval_features(eval_examples, tokenizer, **window) if eval_examples else None
     inputs = model_input_arrays(train_features)
     columns = {**inputs, "start_positions": np.asarray(train_features["start_positions"]),
                "end_positions": np.asarray(train_features["end_positions"])}
-    accelerator.print(f"train: {len(train_examples)} questions -> {len(train_features)} features; "
-                      f"eval: {len(eval_examples) if eval_examples else 0} questions")
 
     # ---------------------------------------------------------------- teacher logits (once, cached)
     teacher_info = {}
@@ -98,58 +98,93 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- student, optimizer, prepare
     model = AutoModelForQuestionAnswering.from_pretrained(args.model_name_or_path)
-    train_dataloader = make_train_dataloader(TensorDictDataset(columns), args.per_device_train_batch_size,
-                                                      args.seed)
-    optimizer = make_optimizer(model, args)
+    train_dataloader = make_train_dataloader(TensorDictDataset(columns), args.per_device_train_batch_size, args.seed)
     eval_dataloader = make_eval_dataloader(eval_features, args.per_device_eval_batch_size) if eval_features else None
-    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-    if eval_dataloader is not None:
-        eval_dataloader = accelerator.prepare(eval_dataloader)
-    total_steps, warmup_steps = training_steps(args, len(train_dataloader))
-    scheduler = make_scheduler(optimizer, args, total_steps, warmup_steps)
-    init_trackers(accelerator, args, {"total_steps": total_steps, "num_train_features": len(train_features)})
+    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
+    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader)
+    epoch_steps = steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+    total_steps, warmup_steps = total_and_warmup_steps(
+        epoch_steps, num_train_epochs=args.num_train_epochs, max_train_steps=args.max_train_steps,
+        num_warmup_steps=args.num_warmup_steps, warmup_ratio=args.warmup_ratio)
+    scheduler = make_scheduler(optimizer, args.lr_scheduler_type, total_steps, warmup_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    init_trackers(accelerator, args.project_name, args.run_name, args.output_dir,
+                  {**vars(args), **resolved, "total_steps": total_steps, "num_train_features": len(train_features)})
+
+    # ---------------------------------------------------------------- resume
+    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
+    state = checkpoints.resume(accelerator, args.resume_from_checkpoint)
+    sync = StepSync(accelerator, args.gradient_accumulation_steps, checkpoints, state)
+    train_log = TrainLog(accelerator, args.output_dir, args.logging_steps, total_steps, state.completed_steps)
+    log_banner(accelerator, data=f"{len(train_examples)} questions -> {len(train_features)} features; eval: "
+                                 f"{len(eval_examples) if eval_examples else 0} questions",
+               epochs=total_steps / epoch_steps, per_device_batch_size=args.per_device_train_batch_size,
+               accumulation_steps=args.gradient_accumulation_steps, total_steps=total_steps,
+               output_dir=args.output_dir, state=state)
     model_inputs = list(inputs)
 
-    # ---------------------------------------------------------------- loss and evaluation
-    def compute_loss(model, batch):
-        out = model(**{k: batch[k] for k in model_inputs})
-        return prediction_distillation_loss(
-            out.start_logits, out.end_logits, batch, temperature=args.temperature,
-            distillation_loss_weight=args.distillation_loss_weight, loss_type=args.distillation_loss)
-
-    last_eval = {}
-
     def evaluate():
-        metrics, predictions, null_odds = evaluate_qa(
-            accelerator, model, eval_examples, eval_features, eval_dataloader, n_best_size=args.n_best_size,
-            max_answer_length=args.max_answer_length, no_answer_threshold=args.no_answer_threshold)
-        last_eval.update(predictions=predictions, null_odds=null_odds)
-        return metrics
+        """EM/F1 on the validation set; also returns the predictions and null odds behind them."""
+        results = evaluate_qa(accelerator, model, eval_examples, eval_features, eval_dataloader,
+                              n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
+                              no_answer_threshold=args.no_answer_threshold)
+        model.train()
+        train_log.eval(state.completed_steps, results[0])
+        return results
 
     # ---------------------------------------------------------------- train
-    result = run_training(accelerator, args, model=model, optimizer=optimizer, scheduler=scheduler,
-                          train_dataloader=train_dataloader, compute_loss=compute_loss,
-                          evaluate=evaluate if eval_dataloader is not None else None, total_steps=total_steps)
+    eval_metrics, predictions, null_odds = {}, None, None
+    with PreemptionFlag() as preemption:
+        model.train()
+        for batch in train_batches(accelerator, train_dataloader, state):
+            with accelerator.accumulate(model):
+                outputs = model(**{k: batch[k] for k in model_inputs})
+                terms = prediction_distillation_loss(  # {"loss", "loss_ce", and "loss_kd" with a teacher}
+                    outputs.start_logits, outputs.end_logits, batch, temperature=args.temperature,
+                    distillation_loss_weight=resolved["distillation_loss_weight"], loss_type=args.distillation_loss)
+                accelerator.backward(terms["loss"])
+                sync.add(terms, samples=len(batch["input_ids"]))
+                if accelerator.sync_gradients:  # the step's last micro-batch: one all-reduce, then the update
+                    means = sync.reduce(preemption.signum)  # raises NonFiniteLossError before a bad update
+                    means["grad_norm"] = clip_gradients(accelerator, model, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            end_of_epoch = state.advance(len(train_dataloader))
+            if not accelerator.sync_gradients:
+                continue
+            means["lr"] = scheduler.get_last_lr()[0]
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
+                scheduler.step()
+            state.completed_steps += 1
+            train_log.step(state.completed_steps, means)
+            done = state.completed_steps >= total_steps
+            if sync.preempted or end_of_epoch or done or every(args.checkpointing_steps, state.completed_steps):
+                checkpoints.save(accelerator, state)
+            if sync.preempted:  # a signal reached some process: every process saved this step; stop here
+                break
+            if eval_dataloader is not None and (end_of_epoch or done or every(args.eval_steps, state.completed_steps)):
+                eval_metrics, predictions, null_odds = evaluate()
+            if done:
+                break
 
     # ---------------------------------------------------------------- save
-    if result["status"] == "finished":
+    if not sync.preempted:
         accelerator.wait_for_everyone()
-        unwrapped = accelerator.unwrap_model(model)
         state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards when DeepSpeed runs
         if accelerator.is_main_process:
-            unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, safe_serialization=True)
+            accelerator.unwrap_model(model).save_pretrained(args.output_dir, state_dict=state_dict,
+                                                            safe_serialization=True)
             tokenizer.save_pretrained(args.output_dir)
-            if last_eval:
-                save_eval_outputs(args.output_dir, result["eval_metrics"], last_eval["predictions"],
-                                  last_eval["null_odds"])
-    write_record(accelerator, args, "all_results.json" if result["status"] == "finished" else "preempted.json",
-                 run_record(args, accelerator, **teacher_info, status=result["status"], state=result["state"],
-                            checkpoint=result["checkpoint"], total_steps=total_steps,
-                            train_metrics=result["train_metrics"], eval_metrics=result["eval_metrics"]))
-    if result["eval_metrics"]:
-        accelerator.print({k: round(v, 2) for k, v in result["eval_metrics"].items() if isinstance(v, float)})
+            if predictions is not None:
+                save_eval_outputs(args.output_dir, eval_metrics, predictions, null_odds)
+    write_outcome(accelerator, args.output_dir, run_record(
+        vars(args), accelerator, **resolved, **teacher_info, state=state.to_json(), checkpoint=checkpoints.last,
+        total_steps=total_steps, train_metrics=train_log.summary(state.completed_steps), eval_metrics=eval_metrics),
+        preempted_by=preemption.describe() if sync.preempted else None)
+    if eval_metrics:
+        accelerator.print({k: round(v, 2) for k, v in eval_metrics.items() if isinstance(v, float)})
     accelerator.end_training()
-    return result
 
 
 if __name__ == "__main__":

@@ -34,72 +34,73 @@ import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from kd import args as kd_args
+from kd.checkpoint import CheckpointManager
 from kd.compat import assert_same_tokenization
-from kd.intermediate import (build_distiller, check_distillation_setup, export_student, freeze_outside_encoder,
-                             freeze_unreached_parameters, heldout_loss, load_teacher, make_compute_loss, no_zero3_init)
-from kd.squad import load_squad, model_input_arrays, prepare_train_features
-from kd.training import (TensorDictDataset, init_trackers, make_optimizer, make_scheduler, make_train_dataloader,
-                         run_record, run_training, setup_accelerator, training_steps, write_record)
+from kd.data import TensorDictDataset, make_train_dataloader
+from kd.features import model_input_arrays, prepare_train_features
+from kd.intermediate import (build_distiller, check_distillation_setup, freeze_outside_encoder,
+                             freeze_unreached_parameters, heldout_loss, make_compute_loss)
+from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
+from kd.models import export_student, load_teacher, no_zero3_init
+from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
+from kd.records import run_record, write_outcome, write_record
+from kd.runtime import init_trackers, setup_accelerator
+from kd.squad import load_squad_splits
 
 PROBE_ROWS = 2  # windows used to find the parameters the losses cannot reach
 
 
 def parse_args(argv=None):
+    """The arguments, and the settings resolved from them: (args, {"loss_weights", "distiller"})."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        parents=[kd_args.squad_data_args(), kd_args.training_args(), kd_args.intermediate_distillation_args()],
+        parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.eval_batch_args(),
+                 kd_args.training_args(), kd_args.intermediate_distillation_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True,
                         help="The student to start from (e.g. make_student.py's output or train_general.py's).")
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=32,
-                        help="Batch size of the held-out loss (--validation_file).")
-    parser.add_argument("--eval_steps", type=int, default=None,
-                        help="Also report the held-out loss every N optimizer steps (always after each epoch).")
     args = parser.parse_args(argv)
-    kd_args.check_common(parser, args)
-    kd_args.check_intermediate_distillation(parser, args)
+    kd_args.check_training(parser, args)
+    kd_args.check_squad_data(parser, args)
+    kd_args.check_windows(parser, args)
+    weights = kd_args.check_intermediate_distillation(parser, args)
     try:  # from the configs alone: a bad layer map or loss setting fails before anything is loaded
-        args.distiller_settings = check_distillation_setup(
-            args.model_name_or_path, args.teacher_name_or_path, args.layer_map, loss_kind=args.loss_kind,
-            weights=kd_args.intermediate_loss_weights(args), relation_heads=args.relation_heads)
+        distiller = check_distillation_setup(args.model_name_or_path, args.teacher_name_or_path, args.layer_map,
+                                             loss_kind=args.loss_kind, weights=weights,
+                                             relation_heads=args.relation_heads)
     except (ValueError, OSError) as e:
         parser.error(f"student {args.model_name_or_path} / teacher {args.teacher_name_or_path}: {e}")
-    return args
+    return args, {"loss_weights": weights, "distiller": distiller}
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    accelerator = setup_accelerator(args)
-    write_record(accelerator, args, "run_config.json", run_record(args, accelerator))
+    args, resolved = parse_args(argv)
+    accelerator = setup_accelerator(args.output_dir, args.seed, args.gradient_accumulation_steps, args.report_to)
+    write_record(accelerator, args.output_dir, "run_config.json", run_record(vars(args), accelerator, **resolved))
 
     # ---------------------------------------------------------------- data (model inputs only: no labels)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher_name_or_path)
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers)
-
     with accelerator.main_process_first():
-        train_examples = load_squad(args.train_file or args.dataset_name, split="train",
-                                    config=args.dataset_config_name, skip_invalid=args.skip_invalid,
-                                    max_samples=args.max_train_samples)
+        train_examples, eval_examples = load_squad_splits(
+            args.train_file, args.validation_file, args.dataset_name, args.dataset_config_name,
+            skip_invalid=args.skip_invalid, max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples)
         assert_same_tokenization(args.model_name_or_path, tokenizer, args.teacher_name_or_path, teacher_tokenizer,
                                  train_examples, lambda ex, tok: prepare_train_features(ex, tok, **window))
         inputs = model_input_arrays(prepare_train_features(train_examples, tokenizer, **window))
-        eval_inputs = None
-        if args.validation_file:
-            eval_examples = load_squad(args.validation_file, split="validation", skip_invalid=args.skip_invalid,
-                                       max_samples=args.max_eval_samples)
-            eval_inputs = model_input_arrays(prepare_train_features(eval_examples, tokenizer, **window))
+        eval_inputs = (model_input_arrays(prepare_train_features(eval_examples, tokenizer, **window))
+                       if eval_examples else None)
     num_features = len(inputs["input_ids"])
-    accelerator.print(f"train: {len(train_examples)} questions -> {num_features} windows; held-out: "
-                      f"{len(eval_inputs['input_ids']) if eval_inputs else 0} windows")
 
     # ---------------------------------------------------------------- teacher (frozen, not prepared), distiller
     teacher = load_teacher(args.teacher_name_or_path, accelerator, args.teacher_dtype)
     with no_zero3_init(accelerator):
         student = AutoModelForQuestionAnswering.from_pretrained(args.model_name_or_path)
     distiller = build_distiller(student, teacher.config, args.layer_map, loss_kind=args.loss_kind,
-                                weights=kd_args.intermediate_loss_weights(args), relation_heads=args.relation_heads)
+                                weights=resolved["loss_weights"], relation_heads=args.relation_heads)
     frozen_head = freeze_outside_encoder(student)
     distiller.to(accelerator.device)
     probe = {k: torch.as_tensor(v[:PROBE_ROWS]).long().to(accelerator.device) for k, v in inputs.items()}
@@ -111,37 +112,77 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- optimizer (projections included), prepare
     train_dataloader = make_train_dataloader(TensorDictDataset(inputs), args.per_device_train_batch_size, args.seed)
-    optimizer = make_optimizer(distiller, args)
+    optimizer = make_optimizer(distiller, args.learning_rate, args.weight_decay)
     model, optimizer, train_dataloader = accelerator.prepare(distiller, optimizer, train_dataloader)
-    total_steps, warmup_steps = training_steps(args, len(train_dataloader))
-    scheduler = make_scheduler(optimizer, args, total_steps, warmup_steps)
-    init_trackers(accelerator, args, {"total_steps": total_steps, "num_train_features": num_features,
-                                      "layer_map_pairs": str(distiller.layer_map)})
+    epoch_steps = steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+    total_steps, warmup_steps = total_and_warmup_steps(
+        epoch_steps, num_train_epochs=args.num_train_epochs, max_train_steps=args.max_train_steps,
+        num_warmup_steps=args.num_warmup_steps, warmup_ratio=args.warmup_ratio)
+    scheduler = make_scheduler(optimizer, args.lr_scheduler_type, total_steps, warmup_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    init_trackers(accelerator, args.project_name, args.run_name, args.output_dir,
+                  {**vars(args), "total_steps": total_steps, "num_train_features": num_features,
+                   "layer_map_pairs": str(distiller.layer_map)})
+    distill = make_compute_loss(teacher, distiller)  # teacher capture (no grad) + student forward + loss terms
 
-    compute_loss = make_compute_loss(teacher, distiller)
-
-    def evaluate():
-        return heldout_loss(accelerator, model, compute_loss, eval_inputs, args.per_device_eval_batch_size)
+    # ---------------------------------------------------------------- resume
+    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
+    state = checkpoints.resume(accelerator, args.resume_from_checkpoint)
+    sync = StepSync(accelerator, args.gradient_accumulation_steps, checkpoints, state)
+    train_log = TrainLog(accelerator, args.output_dir, args.logging_steps, total_steps, state.completed_steps)
+    log_banner(accelerator, data=f"{len(train_examples)} questions -> {num_features} windows; held-out: "
+                                 f"{len(eval_inputs['input_ids']) if eval_inputs else 0} windows",
+               epochs=total_steps / epoch_steps, per_device_batch_size=args.per_device_train_batch_size,
+               accumulation_steps=args.gradient_accumulation_steps, total_steps=total_steps,
+               output_dir=args.output_dir, state=state)
 
     # ---------------------------------------------------------------- train
-    result = run_training(accelerator, args, model=model, optimizer=optimizer, scheduler=scheduler,
-                          train_dataloader=train_dataloader, compute_loss=compute_loss,
-                          evaluate=evaluate if eval_inputs is not None else None, total_steps=total_steps)
+    eval_metrics = {}
+    with PreemptionFlag() as preemption:
+        model.train()
+        for batch in train_batches(accelerator, train_dataloader, state):
+            with accelerator.accumulate(model):
+                terms = distill(model, batch)  # {"loss", "loss_att", "loss_hidden", "loss_emb"} or {"loss", "loss_rel"}
+                accelerator.backward(terms["loss"])
+                sync.add(terms, samples=len(batch["input_ids"]))
+                if accelerator.sync_gradients:  # the step's last micro-batch: one all-reduce, then the update
+                    means = sync.reduce(preemption.signum)  # raises NonFiniteLossError before a bad update
+                    means["grad_norm"] = clip_gradients(accelerator, model, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            end_of_epoch = state.advance(len(train_dataloader))
+            if not accelerator.sync_gradients:
+                continue
+            means["lr"] = scheduler.get_last_lr()[0]
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
+                scheduler.step()
+            state.completed_steps += 1
+            train_log.step(state.completed_steps, means)
+            done = state.completed_steps >= total_steps
+            if sync.preempted or end_of_epoch or done or every(args.checkpointing_steps, state.completed_steps):
+                checkpoints.save(accelerator, state)
+            if sync.preempted:  # a signal reached some process: every process saved this step; stop here
+                break
+            if eval_inputs is not None and (end_of_epoch or done or every(args.eval_steps, state.completed_steps)):
+                eval_metrics = heldout_loss(accelerator, model, distill, eval_inputs, args.per_device_eval_batch_size)
+                train_log.eval(state.completed_steps, eval_metrics)
+                model.train()
+            if done:
+                break
 
     # ---------------------------------------------------------------- save: the plain student, no projections
-    if result["status"] == "finished":
+    if not sync.preempted:
         export_student(accelerator, model, tokenizer, args.output_dir)
-    write_record(accelerator, args, "all_results.json" if result["status"] == "finished" else "preempted.json",
-                 run_record(args, accelerator, status=result["status"], state=result["state"],
-                            checkpoint=result["checkpoint"], total_steps=total_steps,
-                            layer_map=[list(p) for p in distiller.layer_map], distiller=distiller.describe(),
-                            teacher_dtype=str(next(teacher.parameters()).dtype),
-                            frozen_parameters={"head": frozen_head, "unreached": frozen_unreached},
-                            train_metrics=result["train_metrics"], eval_metrics=result["eval_metrics"]))
-    if result["eval_metrics"]:
-        accelerator.print({f"heldout_{k}": round(v, 5) for k, v in result["eval_metrics"].items()})
+    write_outcome(accelerator, args.output_dir, run_record(
+        vars(args), accelerator, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
+        total_steps=total_steps, layer_map=[list(p) for p in distiller.layer_map],
+        teacher_dtype=str(next(teacher.parameters()).dtype),
+        frozen_parameters={"head": frozen_head, "unreached": frozen_unreached},
+        train_metrics=train_log.summary(state.completed_steps), eval_metrics=eval_metrics),
+        preempted_by=preemption.describe() if sync.preempted else None)
+    if eval_metrics:
+        accelerator.print({f"heldout_{k}": round(v, 5) for k, v in eval_metrics.items()})
     accelerator.end_training()
-    return result
 
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, BertForMaskedLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from kd.augment import (MaskedLMCandidates, candidate_agreement, glove_neighbours, load_glove,  # noqa: E402
-                        masked_sequences, mlm_candidates, paragraph_copies, paragraph_segments, segment_candidates)
-from kd.checkpoint import write_json_atomic  # noqa: E402
+from kd.augment import paragraph_copies, paragraph_segments, segment_candidates  # noqa: E402
+from kd.glove import glove_neighbours, load_glove  # noqa: E402
+from kd.masked_lm import MaskedLMCandidates, candidate_agreement, masked_sequences, mlm_candidates  # noqa: E402
+from kd.files import write_json_atomic  # noqa: E402
 from kd.squad import read_squad_json  # noqa: E402
 
 

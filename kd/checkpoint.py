@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 
+from kd.files import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "kd_state.json"
@@ -38,39 +40,28 @@ class TrainState:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temp file beside ``path``, fsync, then rename: readers see the old or the new file whole."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def publish_dir(tmp: str, entry: str, marker: str = "meta.json") -> None:
-    """Rename a finished temp dir to ``entry``, the cache entry it completes (``marker`` inside marks it whole).
-
-    Debris of an interrupted writer (an ``entry`` without its marker) is cleared first; a concurrent writer of
-    the same key that got there first wins harmlessly (same content). The caller removes ``tmp`` afterwards.
-    """
-    if os.path.isdir(entry) and not os.path.isfile(os.path.join(entry, marker)):
-        shutil.rmtree(entry, ignore_errors=True)
-    try:
-        os.rename(tmp, entry)
-    except OSError:
-        if not os.path.isfile(os.path.join(entry, marker)):
-            raise
+    def advance(self, batches_per_epoch: int | None) -> bool:
+        """Count one consumed batch; True when it completed the epoch (the state then points at the next one).
+        A loader without a length (an endless stream) never ends an epoch here."""
+        self.batches_in_epoch += 1
+        if batches_per_epoch is None or self.batches_in_epoch < batches_per_epoch:
+            return False
+        self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+        return True
 
 
 class CheckpointManager:
     """Saves, finds, prunes and restores checkpoints under ``<output_dir>/checkpoints``."""
 
-    def __init__(self, output_dir: str, total_limit: int | None = None):
+    def __init__(self, output_dir: str, total_limit: int | None = None, data_state=None):
+        """data_state: optional object with ``state_dict()`` / ``load_state_dict()`` (JSON-able) that owns the
+        reading position of a stateful stream (kd.streaming.PackedStream): saved per process in every
+        checkpoint and restored by resume()."""
         self.root = os.path.join(output_dir, "checkpoints")
         self.total_limit = total_limit or None
+        self.data_state = data_state
+        self.last: str | None = None  # the newest checkpoint this run saved or resumed from
+        self._last_state: dict | None = None
 
     def completed(self) -> list[str]:
         """Finished checkpoints, oldest first (a dir counts only with its name final and its state file present)."""
@@ -103,12 +94,25 @@ class CheckpointManager:
             )
         return resume_from
 
-    def save(self, accelerator, state: TrainState, data_state=None) -> str:
+    def resume(self, accelerator, resume_from: str | None) -> TrainState:
+        """The state to train from: the checkpoint ``--resume_from_checkpoint`` names (or the latest), loaded
+        into the prepared objects, or a fresh state when there is none."""
+        path = self.resolve(resume_from)
+        if path is None:
+            return TrainState()
+        state = self.load(accelerator, path, data_state=self.data_state)
+        self.last, self._last_state = path, state.to_json()
+        return state
+
+    def save(self, accelerator, state: TrainState) -> str:
         """Save on every process (DeepSpeed shards its state), publish atomically on the main process.
 
-        data_state: optional object with ``state_dict()`` (JSON-able): each process writes its own, as
-        ``data_state_<rank>.json``, before the checkpoint is published.
+        Each process writes its data state (when there is one) as ``data_state_<rank>.json`` before the
+        checkpoint is published. Saving a state just saved (the same step at an epoch's end, say) is a no-op.
         """
+        if state.to_json() == self._last_state:
+            return self.last
+        data_state = self.data_state
         final = os.path.join(self.root, f"step_{state.completed_steps:08d}")
         partial = final + ".partial"
         if accelerator.is_main_process:
@@ -129,6 +133,7 @@ class CheckpointManager:
             self._prune()
             logger.info("Saved checkpoint %s", final)
         accelerator.wait_for_everyone()
+        self.last, self._last_state = final, state.to_json()
         return final
 
     def load(self, accelerator, path: str, data_state=None) -> TrainState:

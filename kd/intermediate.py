@@ -5,24 +5,31 @@ teacher's width, so a single ``accelerator.prepare(distiller, optimizer, ...)`` 
 optimizer (build the optimizer from ``distiller.parameters()`` after constructing the distiller), in
 ``accelerator.save_state`` checkpoints and on the right device. Haystack 1.x created its projection after the
 optimizer, so it was never trained nor saved. The student stays reachable as ``distiller.student`` so that
-``distiller.student.save_pretrained(...)`` exports the plain student without projections.
+kd.models.export_student saves the plain student without projections.
 
-One training step::
+A stage with these helpers, in order (kd.models loads and exports the models)::
 
-    teacher_result = capture_teacher(teacher, distiller.layer_map, batch, distiller.capture_what)
-    terms = distiller(batch, teacher_result)       # {"loss", "loss_att", "loss_hidden", ...}
-    accelerator.backward(terms["loss"])
+    check_distillation_setup(...)                        # at argument parsing: configs only, nothing loaded
+    teacher = load_teacher(path, accelerator, "auto")    # frozen, eval, on device; NOT passed to prepare
+    with no_zero3_init(accelerator): student = AutoModelFor...from_pretrained(...)
+    distiller = build_distiller(student, teacher.config, spec, ...)
+    freeze_outside_encoder(student); distiller.to(accelerator.device)
+    freeze_unreached_parameters(distiller, teacher, probe_batch)
+    optimizer = ...(distiller.parameters())              # AFTER the distiller, so the projections are in it
+    model, optimizer, loader = accelerator.prepare(distiller, optimizer, loader)
+    compute_loss = make_compute_loss(teacher, distiller)
+    for batch in loader:                                 # the script's own loop
+        terms = compute_loss(model, batch)               # {"loss", "loss_att", "loss_hidden", ...}
+        accelerator.backward(terms["loss"])
+    export_student(accelerator, model, tokenizer, output_dir)
 
 This stage trains the encoder only: the student's QA head gets no gradient, nor do layers above the highest mapped
 one; freeze them before building the optimizer (:func:`freeze_outside_encoder`, :func:`freeze_unreached_parameters`)
-rather than running DDP with ``find_unused_parameters=True``. The helpers at the end of this module are what the
-entry scripts share (teacher loading, checks, the per-step loss, held-out loss, export).
+rather than running DDP with ``find_unused_parameters=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -33,26 +40,12 @@ from torch import nn
 from kd.capture import (SUPPORTED_LAYOUTS, Captured, LayerCapture, base_encoder, capture_teacher, model_inputs,
                         num_layers)
 from kd.layer_map import LayerMap
-from kd.losses import (
-    INTERMEDIATE_LOSS_WEIGHTS,
-    attention_score_loss,
-    check_relation_heads,
-    embedding_loss,
-    hidden_state_loss,
-    relation_loss,
-)
+from kd.lean_losses import lean_attention_score_loss, lean_hidden_state_loss, lean_relation_loss
+from kd.losses import (INTERMEDIATE_LOSS_KINDS, INTERMEDIATE_TERMS, attention_score_loss, check_relation_heads,
+                       hidden_state_loss, relation_loss)
 
-__all__ = ["IntermediateDistiller", "TeacherDims", "capture_teacher", "LOSS_KINDS", "load_teacher", "build_distiller",
-           "check_distillation_setup", "freeze_outside_encoder", "freeze_unreached_parameters", "make_compute_loss",
-           "heldout_loss", "export_student", "no_zero3_init", "lean_attention_score_loss",
-           "lean_relation_loss", "lean_hidden_state_loss", "lean_embedding_loss"]
-
-# A loss kind is a preset of weights; explicit weights override it term by term.
-LOSS_KINDS = {
-    "tinybert": {"attention": 1.0, "hidden": 1.0, "embedding": 1.0, "relation": 0.0},
-    "minilm_relation": {"attention": 0.0, "hidden": 0.0, "embedding": 0.0, "relation": 1.0},
-}
-_TERM_NAMES = {"attention": "loss_att", "hidden": "loss_hidden", "embedding": "loss_emb", "relation": "loss_rel"}
+__all__ = ["IntermediateDistiller", "TeacherDims", "build_distiller", "check_distillation_setup",
+           "freeze_outside_encoder", "freeze_unreached_parameters", "make_compute_loss", "heldout_loss"]
 
 
 class TeacherDims(NamedTuple):
@@ -74,15 +67,15 @@ class IntermediateDistiller(nn.Module):
     student: a model kd.capture supports (QA head or not); it is trained in place.
     layer_map: kd.layer_map.LayerMap (student layer <- teacher layer; 0:0 = embeddings).
     teacher: the teacher's config (PretrainedConfig) or TeacherDims.
-    weights: per-term weights among "attention" (TinyBERT pre-softmax score MSE), "hidden" (hidden-state MSE),
-        "embedding" (layer-0 MSE), "relation" (MiniLMv2 Q-Q/K-K/V-V KL); overrides the loss_kind preset.
+    weights: per-term weights, keyed as kd.losses.INTERMEDIATE_TERMS ("attention", "hidden", "embedding",
+        "relation"); they override the loss_kind preset term by term.
     loss_kind: "tinybert" (attention + hidden + embedding) or "minilm_relation" (relation only).
     relation_heads: relation heads for the relation loss; default: the teacher's attention head count.
     lean_loss: compute the [B, heads, T, T] terms (attention scores, relations) a few examples at a time under
         activation checkpointing, from captured Q/K/V, so no full T x T tensor is stored or kept for backward, and
-        the hidden-state terms under checkpointing too (see the "Memory-lean losses" section); same values up to
-        float summation order. False: capture and hold the full score tensors (kd.capture "scores") and keep
-        every loss intermediate for backward, as the plain kd.losses functions do.
+        the hidden-state terms under checkpointing too (kd.lean_losses); same values up to float summation order.
+        False: capture and hold the full score tensors (kd.capture "scores") and keep every loss intermediate for
+        backward, as the plain kd.losses functions do.
 
     Per-layer terms are summed over the mapped layers, as in TinyBERT (so "uniform" maps weigh more than "last").
 
@@ -131,12 +124,12 @@ class IntermediateDistiller(nn.Module):
                 )
 
     def _resolve_weights(self, loss_kind: str, overrides: Mapping[str, float], student_heads: int) -> dict:
-        if loss_kind not in LOSS_KINDS:
-            raise ValueError(f"loss_kind must be one of {sorted(LOSS_KINDS)}, got {loss_kind!r}")
-        unknown = set(overrides) - set(INTERMEDIATE_LOSS_WEIGHTS)
+        if loss_kind not in INTERMEDIATE_LOSS_KINDS:
+            raise ValueError(f"loss_kind must be one of {sorted(INTERMEDIATE_LOSS_KINDS)}, got {loss_kind!r}")
+        unknown = set(overrides) - set(INTERMEDIATE_TERMS)
         if unknown:
-            raise ValueError(f"Unknown loss weight(s) {sorted(unknown)}; valid: {list(INTERMEDIATE_LOSS_WEIGHTS)}")
-        weights = dict(LOSS_KINDS[loss_kind])
+            raise ValueError(f"Unknown loss weight(s) {sorted(unknown)}; valid: {list(INTERMEDIATE_TERMS)}")
+        weights = dict(INTERMEDIATE_LOSS_KINDS[loss_kind])
         # Presets only switch on terms the map can feed; an explicit weight for a term it cannot is an error below.
         if not self.layer_map.has_embeddings:
             weights["embedding"] = 0.0
@@ -219,17 +212,17 @@ class IntermediateDistiller(nn.Module):
             base(**model_inputs(base, batch))
             terms = self._loss_terms(student, teacher, batch["attention_mask"])
         total = sum(self.weights[name] * value for name, value in terms.items())
-        out = {_TERM_NAMES[name]: value for name, value in terms.items()}
+        out = {INTERMEDIATE_TERMS[name].logged_as: value for name, value in terms.items()}
         out["loss"] = total
         return out
 
     def _loss_terms(self, student: LayerCapture, teacher: Captured, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = {}
         pairs = self.layer_map.transformer_pairs
-        emb_loss, hid_loss = (lean_embedding_loss, lean_hidden_state_loss) if self.lean_loss else (
-            embedding_loss, hidden_state_loss)
+        # TinyBERT's embedding loss is the hidden-state loss on layer 0 (with its own projection).
+        hid_loss = lean_hidden_state_loss if self.lean_loss else hidden_state_loss
         if self.weights["embedding"] > 0:
-            terms["embedding"] = emb_loss(student.hidden_states[0], _get(teacher, "hidden_states", 0), mask,
+            terms["embedding"] = hid_loss(student.hidden_states[0], _get(teacher, "hidden_states", 0), mask,
                                           self.embedding_projection)
         if self.weights["hidden"] > 0:
             terms["hidden"] = sum(
@@ -266,65 +259,6 @@ def _get(teacher: Captured, kind: str, layer: int):
 # ---------------------------------------------------------------------------------------------------------------
 # What the entry scripts share (train_task_intermediate.py, train_general.py)
 # ---------------------------------------------------------------------------------------------------------------
-# A distillation run with these helpers, in order:
-#     check_distillation_setup(...)                    # at argument parsing: configs only, nothing loaded
-#     teacher = load_teacher(path, accelerator, "auto")  # frozen, eval, on device, NOT passed to prepare
-#     with no_zero3_init(accelerator): student = AutoModel...from_pretrained(...)
-#     distiller = build_distiller(student, teacher.config, spec, ...)
-#     freeze_outside_encoder(student); distiller.to(accelerator.device)
-#     freeze_unreached_parameters(distiller, teacher, probe_batch)
-#     optimizer = make_optimizer(distiller, args)     # AFTER the distiller: projections included
-#     model, optimizer, loader = accelerator.prepare(distiller, optimizer, loader)
-#     run_training(..., compute_loss=make_compute_loss(teacher, distiller))
-#     export_student(accelerator, model, tokenizer, output_dir)
-
-
-@contextlib.contextmanager
-def no_zero3_init(accelerator):
-    """Load models whole on every process even when DeepSpeed ZeRO-3's ``zero3_init_flag`` is on.
-
-    The teacher never enters DeepSpeed (it must stay whole: capture reads its layers directly), and the student
-    must be whole until ``accelerator.prepare`` for :func:`freeze_unreached_parameters`; ZeRO-3 partitions it
-    in prepare. A no-op without DeepSpeed.
-    """
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
-    if plugin is None:
-        yield
-    else:
-        with plugin.zero3_init_context_manager(enable=False):
-            yield
-
-
-def load_teacher(name_or_path: str, accelerator, dtype_choice: str = "auto") -> nn.Module:
-    """The teacher's bare encoder, ready to be captured: eval mode, requires_grad False, on ``accelerator.device``,
-    in the teacher precision.
-
-    dtype_choice: "auto" (bf16 on a GPU that has it, else fp16; fp32 on CPU: kd.teacher_cache.teacher_dtype),
-    "float32", "bfloat16" or "float16". Loaded with AutoModel, so any head the checkpoint has (QA, MLM) is left
-    out (capture needs the encoder only), and so is the pooler when the class lets us (``add_pooling_layer``).
-    The teacher is outside the optimizer and outside DeepSpeed: do not pass it to ``accelerator.prepare``.
-    Run it with :func:`kd.capture.capture_teacher` (no_grad, eval, so no dropout of any kind).
-    """
-    from transformers import AutoConfig, AutoModel
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
-    from kd.teacher_cache import teacher_dtype
-
-    device = accelerator.device
-    dtype = teacher_dtype(dtype_choice, device)
-    config = AutoConfig.from_pretrained(name_or_path)
-    kwargs = {}
-    try:
-        if "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(config)].__init__).parameters:
-            kwargs["add_pooling_layer"] = False
-    except KeyError:
-        pass  # AutoModel below raises its own error naming the unsupported config
-    with no_zero3_init(accelerator):
-        teacher = AutoModel.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-    base_encoder(teacher)  # fails early, listing the supported model types, when capture cannot read it
-    teacher.requires_grad_(False)
-    return teacher.to(device).eval()
-
 
 def build_distiller(student: nn.Module, teacher_config, layer_map_spec: str, *, loss_kind: str = "tinybert",
                     weights: Mapping[str, float] | None = None,
@@ -407,8 +341,9 @@ def freeze_unreached_parameters(distiller: IntermediateDistiller, teacher: nn.Mo
 
 
 def make_compute_loss(teacher: nn.Module, distiller: IntermediateDistiller):
-    """``compute_loss(model, batch)`` for kd.training.run_training: one teacher capture (no grad, eval mode, only
-    the mapped layers kept) and the prepared distiller's forward (student with capture + losses), per step.
+    """``compute_loss(model, batch)``, the per-step loss of the script's training loop: one teacher capture (no
+    grad, eval mode, only the mapped layers kept) and the prepared distiller's forward (student with capture +
+    losses). It returns the distiller's terms, {"loss", "loss_att", ...}; backward ``terms["loss"]``.
 
     distiller: the unwrapped IntermediateDistiller (its layer map and capture kinds); ``model`` at call time is
     whatever accelerator.prepare made of it (DDP, DeepSpeed engine, autocast wrapper).
@@ -431,9 +366,9 @@ def heldout_loss(accelerator, model, compute_loss, columns: Mapping, batch_size:
     columns: model-input arrays [N, L] (every feature is scored once: process r takes rows r, r + P, ...).
     Each batch's terms are weighted by its number of features. Every process runs the same number of forwards
     (a process with fewer batches repeats one with weight 0), so ZeRO-3's per-forward collectives stay in step.
-    Leaves the model in eval mode (kd.training.run_training sets train mode again).
+    Leaves the model in eval mode: the training loop sets train mode again.
     """
-    from kd.training import TensorDictDataset
+    from kd.data import TensorDictDataset
 
     rank, world = accelerator.process_index, accelerator.num_processes
     n = len(next(iter(columns.values())))
@@ -461,185 +396,3 @@ def heldout_loss(accelerator, model, compute_loss, columns: Mapping, batch_size:
         packed = accelerator.reduce(packed, reduction="sum")
     packed = packed.tolist()
     return {name: value / max(packed[-1], 1e-12) for name, value in zip(names, packed[:-1])}
-
-
-def export_student(accelerator, model, tokenizer, output_dir: str) -> None:
-    """Save the plain student (no projections) and the tokenizer, loadable with from_pretrained, e.g. as
-    train_prediction.py's --model_name_or_path.
-
-    model: the prepared distiller (or the IntermediateDistiller itself). Call on EVERY process:
-    ``accelerator.get_state_dict`` gathers ZeRO-3 shards collectively; the ``student.`` prefix is stripped and
-    the projections dropped, and the main process writes ``save_pretrained`` (safetensors) + the tokenizer.
-    """
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    distiller = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        prefix = "student."
-        student_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        distiller.student.save_pretrained(output_dir, state_dict=student_state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Memory-lean losses
-# ---------------------------------------------------------------------------------------------------------------
-# The attention-score and relation losses compare [B, heads, T, T] tensors: at B 16, 12 heads, T 256 that is 50 MB
-# per tensor and layer in fp32, and computing them whole keeps the teacher's and the student's scores plus the
-# loss's saved differences alive for backward, several times the student's own activations.
-# - Attention scores: one fused autograd function (_ScoreMSE) takes the queries and keys. Padded query and key rows
-#   are zeroed, so D = c_s Q_s K_s^T - c_t Q_t K_t^T = [c_s Q_s | -c_t Q_t] [K_s | K_t]^T is zero on every padded
-#   pair with no T x T mask pass; forward sums D^2 (one GEMM and a norm per chunk of examples, in fp32), backward
-#   needs no T x T tensor at all (the gradient regroups into small Gram matrices, see _ScoreMSE.backward). Only
-#   Q/K (alive anyway) are kept. Versus the whole-tensor loss: ~20 fewer T x T passes and none of its T x T
-#   tensors kept for backward. Same value and gradient as kd.losses.attention_score_loss (tested).
-# - Relations: the kd.losses function on a few examples at a time, each chunk under non-reentrant activation
-#   checkpointing (nothing saved but its q/k/v views; the chunk is recomputed in backward), the chunk results
-#   recombined with their counts.
-# - Hidden states: kd.losses under checkpointing (whole: they are only [B, T, H]), so their differences and
-#   projected states are not kept for backward either.
-
-LEAN_CHUNK_BYTES = 8 * 2**20  # fp32 bytes of one chunk's [b, heads, T, T] tensor (relation loss: ~6 such alive)
-SCORE_CHUNK_BYTES = 8 * 2**20  # the same for the fused score loss's forward (one such tensor alive)
-
-
-def _chunk_size(heads: int, seq_len: int, batch: int, budget: int | None = None) -> int:
-    budget = LEAN_CHUNK_BYTES if budget is None else budget
-    return max(1, min(batch, budget // max(1, heads * seq_len * seq_len * 4)))
-
-
-def _checkpointed(fn, *tensors):
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=False)  # fn draws no random numbers
-    return fn(*tensors)
-
-
-def _chunked_mean(fn, count, student: tuple, teacher: tuple, attention_mask: torch.Tensor, heads: int):
-    """sum_c fn(chunk_c) * count(mask_c) / sum_c count(mask_c) over batch chunks; fn(*student, *teacher, mask)
-    must return (sum over the chunk) / max(count(chunk), 1), as the kd.losses functions do."""
-    b, t = attention_mask.shape
-    step = _chunk_size(heads, t, b)
-    mask = attention_mask.to(student[0].device)
-    total = student[0].new_zeros((), dtype=torch.float32)
-    counts = mask.new_zeros((), dtype=torch.float32)
-    for i in range(0, b, step):
-        chunk = slice(i, i + step)
-        n = count(mask[chunk])
-        total = total + _checkpointed(fn, *(x[chunk] for x in student), *(x[chunk] for x in teacher), mask[chunk]) * n
-        counts = counts + n
-    return total / counts.clamp(min=1)
-
-
-def _factors(qs, ks, qt, kt, tokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = [c_s Q_s | -c_t Q_t], B = [K_s | K_t], fp32 [b * h, T, d_s + d_t], padded rows zero, so that
-    A B^T = c_s Q_s K_s^T - c_t Q_t K_t^T = D (student minus teacher scores, 0 on every padded pair).
-
-    q/k are transposed views of the projections' [b, T, h * d] outputs; each half is written by one multiply with
-    the (scaled) 0/1 mask straight into a contiguous buffer, so masking, scaling, the heads-first layout and the
-    concatenation cost one pass. A multiply rather than where() (7x slower on CPU): any finite value at a padded
-    position is zeroed, an inf or NaN there would leak (q/k are projections of hidden states, finite in any
-    working model)."""
-    b, h, t, d_s = qs.shape
-    d_t = qt.shape[-1]
-    keep = tokens[:, None, :, None].float()  # [b, 1, T, 1]
-    a = torch.empty((b, h, t, d_s + d_t), dtype=torch.float32, device=qs.device)
-    bb = torch.empty_like(a)
-    torch.mul(qs, keep * d_s**-0.5, out=a[..., :d_s])
-    torch.mul(qt, keep * -(d_t**-0.5), out=a[..., d_s:])
-    torch.mul(ks, keep, out=bb[..., :d_s])
-    torch.mul(kt, keep, out=bb[..., d_s:])
-    return a.view(b * h, t, d_s + d_t), bb.view(b * h, t, d_s + d_t)
-
-
-class _ScoreMSE(torch.autograd.Function):
-    """sum over real (query, key) pairs and heads of (student score - teacher score)^2; see the section comment."""
-
-    @staticmethod
-    def forward(ctx, qs, ks, qt, kt, tokens, step):
-        ctx.save_for_backward(qs, ks, qt, kt, tokens)
-        ctx.step = step
-        total = torch.zeros((), dtype=torch.float32, device=qs.device)
-        with torch.autocast(qs.device.type, enabled=False):
-            for i in range(0, qs.shape[0], step):
-                c = slice(i, i + step)
-                a, b = _factors(qs[c], ks[c], qt[c], kt[c], tokens[c])
-                total += torch.linalg.vector_norm(torch.bmm(a, b.transpose(1, 2))).square()  # ||D||^2, one GEMM
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        # With D = A B^T: dL/dQ_s = 2 c_s D K_s = 2 c_s A (B^T K_s) and dL/dK_s = 2 c_s D^T Q_s = 2 B (A^T (c_s Q_s)):
-        # (d_s + d_t) x d Gram matrices, no T x T product, O(T d^2) instead of O(T^2 d).
-        qs, ks, qt, kt, tokens = ctx.saved_tensors
-        b, h, t, d = qs.shape
-        grad_q = torch.empty(b, h, t, d, dtype=torch.float32, device=qs.device)
-        grad_k = torch.empty_like(grad_q)
-        with torch.autocast(qs.device.type, enabled=False):
-            for i in range(0, b, ctx.step):
-                c = slice(i, i + ctx.step)
-                a, bb = _factors(qs[c], ks[c], qt[c], kt[c], tokens[c])
-                n = a.shape[0]
-                torch.bmm(a, torch.bmm(bb.transpose(1, 2), bb[..., :d]), out=grad_q[c].view(n, t, d))
-                torch.bmm(bb, torch.bmm(a.transpose(1, 2), a[..., :d]), out=grad_k[c].view(n, t, d))
-        grad = grad.float()
-        return (grad_q.mul_(grad * (2 * d**-0.5)).to(qs.dtype), grad_k.mul_(grad * 2).to(ks.dtype),
-                None, None, None, None)
-
-
-def lean_attention_score_loss(student_qk: tuple[torch.Tensor, torch.Tensor], teacher_qk: tuple[torch.Tensor, ...],
-                              attention_mask: torch.Tensor) -> torch.Tensor:
-    """kd.losses.attention_score_loss of the scores Q K^T / sqrt(d_head), from the queries and keys, fused.
-
-    student_qk, teacher_qk: (q, k), each [B, heads, T, d_head] (kd.capture "qkv"; a v is ignored); heads must be
-    equal, d_head may differ; values at padded positions may be anything finite. attention_mask: [B, T].
-    Same value and gradient as the whole-tensor loss up to float rounding (computed in fp32 whatever the inputs),
-    with one chunk of [b, heads, T, T] alive at a time and no T x T tensor kept for backward. Returns a float32 scalar.
-    """
-    qs, ks = student_qk[0], student_qk[1]
-    qt, kt = teacher_qk[0], teacher_qk[1]
-    if qs.shape[1] != qt.shape[1]:
-        # the same error, and message, as the whole-tensor loss
-        return attention_score_loss(qs[:, :, :1, :1], qt[:, :, :1, :1], attention_mask[:, :1])
-    if qs.shape[:3] != qt.shape[:3] or qs.shape[0] != attention_mask.shape[0] or qs.shape[2] != attention_mask.shape[1]:
-        raise ValueError(f"attention scores differ in shape: student q {tuple(qs.shape)}, teacher q "
-                         f"{tuple(qt.shape)}, attention_mask {tuple(attention_mask.shape)}. Student and teacher must "
-                         "see the same tokens (same tokenizer, same batch).")
-    tokens = attention_mask.to(qs.device).bool()
-    b, h, t, _ = qs.shape
-    step = _chunk_size(h, t, b, SCORE_CHUNK_BYTES)
-    total = _ScoreMSE.apply(qs, ks, qt.detach(), kt.detach(), tokens, step)
-    pairs = h * tokens.sum(-1).float().pow(2).sum()  # real (query, key) pairs x heads
-    return total / pairs.clamp(min=1)
-
-
-def lean_relation_loss(student_qkv: tuple[torch.Tensor, ...], teacher_qkv: tuple[torch.Tensor, ...],
-                       attention_mask: torch.Tensor, num_relation_heads: int) -> torch.Tensor:
-    """kd.losses.relation_loss computed a few examples at a time under checkpointing (see the section comment)."""
-    n = len(student_qkv)
-
-    def fn(*args):
-        return relation_loss(args[:n], args[n:2 * n], args[-1], num_relation_heads)
-
-    queries = lambda mask: num_relation_heads * mask.float().sum()  # noqa: E731  real queries x relation heads
-    return _chunked_mean(fn, queries, tuple(student_qkv), tuple(teacher_qkv), attention_mask,
-                         max(num_relation_heads, student_qkv[0].shape[1], teacher_qkv[0].shape[1]))
-
-
-def lean_hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
-                           projection: nn.Module | None = None) -> torch.Tensor:
-    """kd.losses.hidden_state_loss under activation checkpointing: the projected states and the differences are
-    recomputed in backward instead of being kept (the student's hidden states are kept by its own graph anyway)."""
-    def fn(s, t, mask):
-        return hidden_state_loss(s, t, mask, projection)
-
-    return _checkpointed(fn, student_hidden, teacher_hidden, attention_mask)
-
-
-def lean_embedding_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
-                        attention_mask: torch.Tensor, projection: nn.Module | None = None) -> torch.Tensor:
-    """kd.losses.embedding_loss (the hidden-state loss on layer 0) under activation checkpointing."""
-    return lean_hidden_state_loss(student_embeddings, teacher_embeddings, attention_mask, projection)

@@ -20,7 +20,6 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-NAMED_MAPS = ("uniform", "last")
 _SYNTAX_HELP = (
     "Use 'uniform', 'last', explicit pairs such as '0:0,1:2,2:4,3:6' (student:teacher), "
     "or JSON (inline or a .json file) such as {\"1\": 2, \"2\": 4} or [[1, 2], [2, 4]]."

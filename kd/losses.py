@@ -8,6 +8,7 @@ softmaxes (unlike Haystack 1.x, which spreads probability mass onto padding).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,32 @@ def prediction_distillation_loss(
 # values at padded positions are selected away with torch.where before any arithmetic, so whatever sits there
 # (garbage, huge numbers, -inf from an added mask) changes neither the loss nor its gradient.
 
-INTERMEDIATE_LOSS_WEIGHTS = ("attention", "hidden", "embedding", "relation")
+
+class IntermediateTerm(NamedTuple):
+    """One intermediate loss term: the key its unweighted value is returned and logged under, and a help text."""
+
+    logged_as: str
+    description: str
+
+
+# The one list of intermediate loss terms, keyed by the name their weights go by (e.g. --attention_loss_weight).
+INTERMEDIATE_TERMS = {
+    "attention": IntermediateTerm("loss_att", "pre-softmax attention-score MSE"),
+    "hidden": IntermediateTerm("loss_hidden", "hidden-state MSE"),
+    "embedding": IntermediateTerm("loss_emb", "embedding-output MSE (needs 0:0 in the layer map)"),
+    "relation": IntermediateTerm("loss_rel", "MiniLMv2 self-attention relation KL"),
+}
+
+
+def _preset(*terms: str) -> dict[str, float]:
+    return {term: float(term in terms) for term in INTERMEDIATE_TERMS}
+
+
+# A loss kind is a preset of weights; explicit weights override it term by term.
+INTERMEDIATE_LOSS_KINDS = {
+    "tinybert": _preset("attention", "hidden", "embedding"),
+    "minilm_relation": _preset("relation"),
+}
 
 
 def _token_mask(attention_mask: torch.Tensor, states: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -191,18 +217,9 @@ def hidden_state_loss(
     return diff.pow(2).sum() / tokens.sum().clamp(min=1)
 
 
-def embedding_loss(
-    student_embeddings: torch.Tensor,
-    teacher_embeddings: torch.Tensor,
-    attention_mask: torch.Tensor,
-    projection: torch.nn.Module | None = None,
-) -> torch.Tensor:
-    """TinyBERT embedding-layer loss: :func:`hidden_state_loss` on the embedding outputs (layer 0).
-
-    student_embeddings: [B, T, H_s]; teacher_embeddings: [B, T, H_t]; attention_mask: [B, T]. A function of its
-    own so that it has its own weight and its own projection (TinyBERT's W_e).
-    """
-    return hidden_state_loss(student_embeddings, teacher_embeddings, attention_mask, projection)
+# TinyBERT's embedding-layer loss is the hidden-state loss on the embedding outputs (layer 0): [B, T, H_s] vs
+# [B, T, H_t]. It keeps its own weight and its own projection (TinyBERT's W_e) in kd.intermediate.
+embedding_loss = hidden_state_loss
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:

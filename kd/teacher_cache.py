@@ -23,15 +23,12 @@ import uuid
 import numpy as np
 import torch
 
-from kd.checkpoint import publish_dir
+from kd.files import cache_dir as kd_cache_dir
+from kd.files import publish_dir
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("KD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kd-qa", "teacher_logits")
 
 
 def resolve_model_dir(name_or_path: str) -> str:
@@ -124,11 +121,11 @@ def teacher_logits(
     """
     from transformers import AutoModelForQuestionAnswering
 
-    from kd.training import TensorDictDataset, batch_is_ready
+    from kd.data import TensorDictDataset, batch_is_ready
 
     if predict_logits is None:
         from kd.qa_eval import predict_logits
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or kd_cache_dir("teacher_logits")
     dtype = teacher_dtype(dtype_choice, accelerator.device)
     model_dir = resolve_model_dir(teacher_name_or_path)
     key = cache_key(fingerprint_model_dir(model_dir), fingerprint_inputs(input_columns), dtype)

@@ -20,10 +20,10 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
 import augment
-from kd.augment import (WORD_RE, GloVeFormatError, MaskedLMCandidates, apply_edits, blocks_of_process,
-                        candidate_agreement, glove_neighbours, glove_rows_of_process, load_glove, masked_sequences,
-                        match_case, mlm_candidates, paragraph_segments, shift_offset,
-                        validate_squad_for_augmentation, vocab_words)
+from kd.augment import (WORD_RE, apply_edits, blocks_of_process, match_case, paragraph_segments, shift_offset,
+                        validate_squad_for_augmentation)
+from kd.glove import GloVeFormatError, glove_neighbours, glove_rows_of_process, load_glove
+from kd.masked_lm import MaskedLMCandidates, candidate_agreement, masked_sequences, mlm_candidates, vocab_words
 from kd.squad import SquadFormatError, load_squad
 from tests.conftest import fixture_texts
 from tests.helpers import launch

@@ -1,4 +1,5 @@
-"""kd.corpus: document splitting, byte-range shards, packing, the packed-corpus cache and the resumable stream."""
+"""kd.corpus, kd.packing, kd.streaming: document splitting, byte-range shards, packing, the packed-corpus cache and
+the resumable stream."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import re
 import numpy as np
 import pytest
 
-from kd import corpus as kc
-from kd.corpus import (DatasetCorpus, DatasetShardReader, FileCorpus, FileShardReader, Packer, PackedCorpus,
-                       PackedStream, build_packed_corpus, resolve_files, tokenize)
+from kd import packing as kp
+from kd.corpus import DatasetCorpus, FileCorpus, resolve_files
+from kd.packing import Packer, PackedCorpus, build_packed_corpus, tokenize
+from kd.streaming import DatasetShardReader, FileShardReader, PackedStream
 from tests.conftest import FIXTURES_DIR
 
 SAMPLE = FIXTURES_DIR / "wiki_leads_sample.txt"
@@ -198,14 +200,14 @@ def test_packer_state_round_trip():
 def test_tokenize_fast_path_matches_the_tokenizer_call(tiny_bert_tokenizer, tiny_roberta_tokenizer, sample_docs):
     for tok in (tiny_bert_tokenizer, tiny_roberta_tokenizer):
         expected = tok(sample_docs, add_special_tokens=False)["input_ids"]
-        fingerprint = kc.tokenizer_fingerprint(tok)
+        fingerprint = kp.tokenizer_fingerprint(tok)
         assert tokenize(tok, sample_docs) == expected
         # a padded, truncated call leaves padding enabled on the shared backend: neither the ids nor the cache key
         # may change because of it
         tok(["a", "a longer text"], padding="max_length", max_length=64, truncation=True)
-        assert tokenize(tok, sample_docs) == expected and kc.tokenizer_fingerprint(tok) == fingerprint
+        assert tokenize(tok, sample_docs) == expected and kp.tokenizer_fingerprint(tok) == fingerprint
     # RoBERTa-style framing
-    assert kc.special_ids(tiny_roberta_tokenizer) == (0, 2, 1)
+    assert kp.special_ids(tiny_roberta_tokenizer) == (0, 2, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,13 +217,13 @@ def test_packed_corpus_is_built_once_and_cached(tiny_bert_tokenizer, sample_docs
     text = tmp_path / "corpus.txt"
     text.write_text(SAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
     calls = []
-    real_tokenizer = kc.document_tokenizer
+    real_tokenizer = kp.document_tokenizer
 
     def counting_tokenizer(tok):
         encode = real_tokenizer(tok)
         return lambda texts: calls.append(len(texts)) or encode(texts)
 
-    monkeypatch.setattr(kc, "document_tokenizer", counting_tokenizer)
+    monkeypatch.setattr(kp, "document_tokenizer", counting_tokenizer)
     cache = tmp_path / "cache"
 
     def build(max_seq_length=32, respect=False):
@@ -232,7 +234,7 @@ def test_packed_corpus_is_built_once_and_cached(tiny_bert_tokenizer, sample_docs
     assert not hit and sum(calls) == len(sample_docs)
     corpus = PackedCorpus(entry, tiny_bert_tokenizer.pad_token_id)
     # the same sequences as packing the documents directly
-    packer = Packer(32, *kc.special_ids(tiny_bert_tokenizer)[:2])
+    packer = Packer(32, *kp.special_ids(tiny_bert_tokenizer)[:2])
     expected = [s for ids in tokenize(tiny_bert_tokenizer, sample_docs) for s in packer.add(ids)] + packer.flush()
     assert len(corpus) == len(expected) and corpus.meta["dtype"] == "uint16"
     assert [corpus.sequence(i).tolist() for i in range(len(corpus))] == expected
@@ -293,7 +295,7 @@ def test_stream_first_epoch_is_the_packed_shard(tiny_bert_tokenizer, sample_docs
     """Without shuffling, one process's stream is its documents packed in order, nothing lost or repeated."""
     stream = make_stream(FileShardReader(FileCorpus([str(SAMPLE)]), 0, 1), tiny_bert_tokenizer, shuffle_buffer_size=0,
                          max_seq_length=16, batch_size=3)
-    packer = Packer(16, *kc.special_ids(tiny_bert_tokenizer)[:2])
+    packer = Packer(16, *kp.special_ids(tiny_bert_tokenizer)[:2])
     expected = [s for ids in tokenize(tiny_bert_tokenizer, sample_docs) for s in packer.add(ids)]
     n = len(expected) // 3
     got = [row for b in take(stream, n) for row in b["input_ids"]]
@@ -342,7 +344,7 @@ def test_stream_state_survives_staging_the_corpus_elsewhere(tiny_bert_tokenizer,
 def test_datasets_stream_split_by_example_is_announced(sample_docs, tmp_path, caplog, files, warned):
     """2 processes: 2 shards are split whole; 3 cannot be, so datasets has every process read all of them."""
     paths = [write_jsonl(tmp_path / f"{i}.jsonl", sample_docs[i::files]) for i in range(files)]
-    with caplog.at_level("WARNING", logger="kd.corpus"):
+    with caplog.at_level("WARNING", logger="kd.streaming"):
         readers = [DatasetShardReader(DatasetCorpus("json", data_files=paths, streaming=True), r, 2) for r in (0, 1)]
     assert ("keeps one document in 2" in caplog.text) is warned
     first_pass = [[text for text, _ in itertools.takewhile(lambda d: d[1]["epoch"] == 0, r.documents())]

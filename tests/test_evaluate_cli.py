@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForQuestionAnswering
 
+from kd.features import prepare_eval_features
 from kd.qa_eval import score_predictions
-from kd.squad import prepare_eval_features
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "evaluate.py"

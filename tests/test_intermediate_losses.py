@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForQuestionAnswering
 
-from kd.intermediate import IntermediateDistiller, TeacherDims, capture_teacher
+from kd.capture import capture_teacher
+from kd.intermediate import IntermediateDistiller, TeacherDims
 from kd.layer_map import parse_layer_map
 from kd.losses import attention_score_loss, embedding_loss, hidden_state_loss, relation_loss
 

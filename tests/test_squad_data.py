@@ -8,19 +8,9 @@ import datasets
 import numpy as np
 import pytest
 
-from kd.squad import (
-    SquadFormatError,
-    check_window_args,
-    flatten_squad,
-    has_unanswerable,
-    load_squad,
-    model_input_columns,
-    postprocess_qa_predictions,
-    prepare_eval_features,
-    prepare_train_features,
-    read_squad_json,
-    validate_records,
-)
+from kd.features import check_window_args, model_input_columns, prepare_eval_features, prepare_train_features
+from kd.qa_eval import postprocess_qa_predictions
+from kd.squad import SquadFormatError, flatten_squad, has_unanswerable, load_squad, read_squad_json, validate_records
 
 MAX_SEQ, STRIDE, MAX_QUERY = 128, 32, 64
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertConfig, BertForMaskedLM
 
 import train_general
-from kd.corpus import tokenize
+from kd.packing import tokenize
 from tests.conftest import FIXTURES_DIR, TINY_MAX_POSITIONS, _tiny_model_kwargs, build_tiny_bert_tokenizer
 from tests.helpers import REPO_ROOT, launch, read_json, read_jsonl, script_env
 

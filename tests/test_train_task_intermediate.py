@@ -268,20 +268,22 @@ def _tiny_qa(hidden, layers, heads, seed):
 def test_lean_losses_equal_whole_tensor_losses_in_value_and_gradient(monkeypatch, loss_kind, student_heads):
     """The chunked, checkpointed T x T losses the script uses give the kd.losses values and gradients."""
     import kd.intermediate as ki
+    import kd.lean_losses as lean_losses
+    from kd.capture import capture_teacher
     from kd.layer_map import parse_layer_map
 
     g = torch.Generator().manual_seed(0)
     mask = torch.tensor([[1] * 12, [1] * 7 + [0] * 5, [1] * 3 + [0] * 9, [1] * 12, [1] * 10 + [0] * 2])
     batch = {"input_ids": torch.randint(1, 99, (5, 12), generator=g) * mask, "attention_mask": mask}
-    monkeypatch.setattr(ki, "LEAN_CHUNK_BYTES", 2 * 4 * 12 * 12 * 4)  # chunks of 2 examples, the last of 1
-    monkeypatch.setattr(ki, "SCORE_CHUNK_BYTES", 2 * 4 * 12 * 12 * 4)
+    monkeypatch.setattr(lean_losses, "LEAN_CHUNK_BYTES", 2 * 4 * 12 * 12 * 4)  # chunks of 2 examples, the last of 1
+    monkeypatch.setattr(lean_losses, "SCORE_CHUNK_BYTES", 2 * 4 * 12 * 12 * 4)
     teacher = _tiny_qa(32, 4, 4, 0)
     results = []
     for lean in (False, True):
         distiller = ki.IntermediateDistiller(_tiny_qa(24, 2, student_heads, 1), parse_layer_map("uniform", 2, 4),
                                              teacher.config, loss_kind=loss_kind, lean_loss=lean)
         assert ("scores" in distiller.capture_what) == (not lean and loss_kind == "tinybert")
-        terms = distiller(batch, ki.capture_teacher(teacher, distiller.layer_map, batch, distiller.capture_what))
+        terms = distiller(batch, capture_teacher(teacher, distiller.layer_map, batch, distiller.capture_what))
         terms["loss"].backward()
         results.append((terms, {n: p.grad for n, p in distiller.named_parameters() if p.grad is not None}))
     (whole, grads_whole), (lean, grads_lean) = results
@@ -295,7 +297,7 @@ def test_lean_losses_equal_whole_tensor_losses_in_value_and_gradient(monkeypatch
 
 @pytest.mark.parametrize("fill", [1e30, -3e38, 7.0])
 def test_lean_score_loss_ignores_padding_values_and_takes_bf16(fill):
-    from kd.intermediate import lean_attention_score_loss
+    from kd.lean_losses import lean_attention_score_loss
     from kd.losses import attention_score_loss
 
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,45 @@
+"""Publishing files so that no reader ever takes a half-written one for a finished one, and where caches live.
+
+- :func:`write_json_atomic`: temp file beside the target, fsync, rename.
+- :func:`publish_dir`: a finished temp dir renamed into place as a cache entry.
+- :func:`cache_dir`: the one rule for cache locations: ``$KD_CACHE/<kind>`` when ``KD_CACHE`` is set, else
+  ``~/.cache/kd-qa/<kind>`` (kinds: ``teacher_logits``, ``corpus``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to a temp file beside ``path``, fsync, then rename: readers see the old or the new file whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def publish_dir(tmp: str, entry: str, marker: str = "meta.json") -> None:
+    """Rename a finished temp dir to ``entry``, the cache entry it completes (``marker`` inside marks it whole).
+
+    Debris of an interrupted writer (an ``entry`` without its marker) is cleared first; a concurrent writer of
+    the same key that got there first wins harmlessly (same content). The caller removes ``tmp`` afterwards.
+    """
+    if os.path.isdir(entry) and not os.path.isfile(os.path.join(entry, marker)):
+        shutil.rmtree(entry, ignore_errors=True)
+    try:
+        os.rename(tmp, entry)
+    except OSError:
+        if not os.path.isfile(os.path.join(entry, marker)):
+            raise
+
+
+def cache_dir(kind: str) -> str:
+    """Default cache location of one kind of cached data: ``$KD_CACHE/<kind>`` or ``~/.cache/kd-qa/<kind>``."""
+    root = os.environ.get("KD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kd-qa")
+    return os.path.join(root, kind)

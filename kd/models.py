@@ -1,0 +1,81 @@
+"""The models of an intermediate-distillation stage: loading them whole, a frozen teacher, the plain student out.
+
+Separate from kd.intermediate because none of this depends on the losses: the teacher and the student are loaded
+before the distiller exists, and the export only needs the distiller's ``student.`` prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+from torch import nn
+
+from kd.capture import base_encoder
+
+
+@contextlib.contextmanager
+def no_zero3_init(accelerator):
+    """Load models whole on every process even when DeepSpeed ZeRO-3's ``zero3_init_flag`` is on.
+
+    The teacher never enters DeepSpeed (it must stay whole: capture reads its layers directly), and the student
+    must be whole until ``accelerator.prepare`` for kd.intermediate.freeze_unreached_parameters; ZeRO-3 partitions it
+    in prepare. A no-op without DeepSpeed.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
+    if plugin is None:
+        yield
+    else:
+        with plugin.zero3_init_context_manager(enable=False):
+            yield
+
+
+def load_teacher(name_or_path: str, accelerator, dtype_choice: str = "auto") -> nn.Module:
+    """The teacher's bare encoder, ready to be captured: eval mode, requires_grad False, on ``accelerator.device``,
+    in the teacher precision.
+
+    dtype_choice: "auto" (bf16 on a GPU that has it, else fp16; fp32 on CPU: kd.teacher_cache.teacher_dtype),
+    "float32", "bfloat16" or "float16". Loaded with AutoModel, so any head the checkpoint has (QA, MLM) is left
+    out (capture needs the encoder only), and so is the pooler when the class lets us (``add_pooling_layer``).
+    The teacher is outside the optimizer and outside DeepSpeed: do not pass it to ``accelerator.prepare``.
+    Run it with :func:`kd.capture.capture_teacher` (no_grad, eval, so no dropout of any kind).
+    """
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    from kd.teacher_cache import teacher_dtype
+
+    device = accelerator.device
+    dtype = teacher_dtype(dtype_choice, device)
+    config = AutoConfig.from_pretrained(name_or_path)
+    kwargs = {}
+    try:
+        if "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(config)].__init__).parameters:
+            kwargs["add_pooling_layer"] = False
+    except KeyError:
+        pass  # AutoModel below raises its own error naming the unsupported config
+    with no_zero3_init(accelerator):
+        teacher = AutoModel.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    base_encoder(teacher)  # fails early, listing the supported model types, when capture cannot read it
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def export_student(accelerator, model, tokenizer, output_dir: str) -> None:
+    """Save the plain student (no projections) and the tokenizer, loadable with from_pretrained, e.g. as
+    train_prediction.py's --model_name_or_path.
+
+    model: the prepared distiller (or the IntermediateDistiller itself). Call on EVERY process:
+    ``accelerator.get_state_dict`` gathers ZeRO-3 shards collectively; the ``student.`` prefix is stripped and
+    the projections dropped, and the main process writes ``save_pretrained`` (safetensors) + the tokenizer.
+    """
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    distiller = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        prefix = "student."
+        student_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        distiller.student.save_pretrained(output_dir, state_dict=student_state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
