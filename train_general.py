@@ -257,6 +257,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- save: the plain student, no projections
     if not sync.preempted:
+        checkpoints.finish(accelerator, args.keep_checkpoints)
         export_student(accelerator, model, tokenizer, args.output_dir)
     if args.streaming:
         corpus_info.update(stream_epoch=train_dataloader.epoch, stream_batches=train_dataloader.batches)

@@ -170,6 +170,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- save
     if not sync.preempted:
+        checkpoints.finish(accelerator, args.keep_checkpoints)
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards when DeepSpeed runs
         if accelerator.is_main_process:

@@ -172,6 +172,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- save: the plain student, no projections
     if not sync.preempted:
+        checkpoints.finish(accelerator, args.keep_checkpoints)
         export_student(accelerator, model, tokenizer, args.output_dir)
     write_outcome(accelerator, args.output_dir, run_record(
         vars(args), accelerator, **resolved, state=state.to_json(), checkpoint=checkpoints.last,

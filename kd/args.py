@@ -140,6 +140,9 @@ def training_args() -> argparse.ArgumentParser:
                    help="Save a resumable checkpoint every N optimizer steps (one is always saved at epoch end).")
     g.add_argument("--checkpoints_total_limit", type=non_negative_int, default=3,
                    help="Keep only the newest K checkpoints; 0 keeps all.")
+    g.add_argument("--keep_checkpoints", default="all", choices=["all", "last", "none"],
+                   help="Once the run has finished: keep all checkpoints (up to --checkpoints_total_limit), only "
+                        "the last, or none (the exported model is the result; optimizer states are large).")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (start fresh if there is none yet, handy in requeued jobs) or a checkpoint dir.")
     g.add_argument("--report_to", default="none", choices=["none", "wandb", "tensorboard", "all"],

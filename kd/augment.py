@@ -226,9 +226,14 @@ def _single_token_positions(text: str, spans, offsets, special_mask, ids, unk_id
 
 def analyze_texts(texts: Sequence[str], protected: Sequence[Sequence[tuple[int, int]]], tokenizer,
                   glove: "GloVe") -> list[Segment]:
-    """Segments for ``texts`` (one tokenizer call for all); ``protected[i]`` are spans never replaced."""
+    """Segments for ``texts`` (one tokenizer call for all); ``protected[i]`` are spans never replaced.
+
+    tokenizer: the masked LM's, or None for GloVe only (every word through GloVe, no token ids)."""
     if not texts:
         return []
+    if tokenizer is None:
+        return [Segment(text, spans, [], (0, 0), [-1] * len(spans), [glove.row(text[s:e]) for s, e in spans])
+                for text, spans in ((t, free_words(t, p)) for t, p in zip(texts, protected))]
     enc = tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=True,
                     return_special_tokens_mask=True, verbose=False)
     segments = []

@@ -21,6 +21,7 @@ from kd.files import write_json_atomic
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "kd_state.json"
+KEEP_CHOICES = ("all", "last", "none")
 DATA_STATE_FILE = "data_state_{rank}.json"
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -153,6 +154,22 @@ class CheckpointManager:
         logger.info("Resumed from %s at epoch %d, batch %d, step %d",
                     path, state.epoch, state.batches_in_epoch, state.completed_steps)
         return state
+
+    def finish(self, accelerator, keep: str) -> str | None:
+        """Once a run has finished (the exported model is its result): keep ``all`` checkpoints (as pruned by
+        total_limit), only the ``last``, or ``none`` (optimizer states take 2-3x the model's size on disk).
+        Returns the checkpoint that remains newest, or None."""
+        if keep not in KEEP_CHOICES:
+            raise ValueError(f"keep must be one of {KEEP_CHOICES}, got {keep!r}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and keep != "all":
+            done = self.completed()
+            for old in done[:-1] if keep == "last" else done:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if keep == "none":
+            self.last = self._last_state = None
+        return self.last
 
     def _prune(self) -> None:
         if self.total_limit is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import re
 
@@ -502,3 +503,66 @@ def test_clear_errors_before_any_work(case, expected, tiny_bert_mlm_dir, glove_f
     message = str(exit_info.value.code) + capsys.readouterr().err
     assert re.search(expected, message), message
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Masked LMs without a trained head, and GloVe only
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def headless_encoder_dir(tiny_bert_qa_dir, tmp_path_factory):
+    """A BERT encoder saved without any LM head (like a sentence encoder): AutoModelForMaskedLM would
+    initialise the head at random."""
+    from transformers import AutoModel
+
+    out = tmp_path_factory.mktemp("headless")
+    AutoModel.from_pretrained(tiny_bert_qa_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert_qa_dir).save_pretrained(out)
+    return out
+
+
+def test_untrained_mlm_head_is_refused(headless_encoder_dir, glove_files, squad_fixture_path, tmp_path):
+    out = tmp_path / "out" / "aug.json"
+    with pytest.raises(SystemExit) as exit_info:
+        _run(squad_fixture_path, headless_encoder_dir, glove_files["txt"], out)
+    message = str(exit_info.value.code)
+    assert "no trained masked-LM head" in message and "cls.predictions" in message
+    assert "--glove_only" in message and "--allow_untrained_mlm_head" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_untrained_head_allowed_warns_and_same_seed_gives_same_file(headless_encoder_dir, glove_files,
+                                                                     squad_fixture_path, tmp_path, caplog):
+    """The random head is drawn after seeding, so two runs with one seed write the same bytes."""
+    runs = [tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"]
+    with caplog.at_level(logging.WARNING):
+        for path, seed in zip(runs, (3, 3, 4)):
+            _run(squad_fixture_path, headless_encoder_dir, glove_files["txt"], path, "--allow_untrained_mlm_head",
+                 "--seed", seed)
+    assert "no trained masked-LM head" in caplog.text and "--allow_untrained_mlm_head" in caplog.text
+    assert runs[0].read_bytes() == runs[1].read_bytes()
+    assert runs[0].read_bytes() != runs[2].read_bytes()
+
+
+def test_glove_only_replaces_words_with_glove_neighbours(glove_files, squad_fixture_path, tmp_path):
+    out = tmp_path / "glove.json"
+    summary = augment.main(["--train_file", str(squad_fixture_path), "--output_file", str(out), "--glove_only",
+                            "--glove_path", str(glove_files["txt"]), "--word_possibilities", "5",
+                            "--multiplication_factor", "2", "--replace_probability", "0.5"])
+    assert len(load_squad(str(out))) == 2 * 128  # answers re-anchored and valid in every copy
+    glove_words = {line.split(" ")[0] for line in glove_files["txt"].read_text(encoding="utf-8").splitlines()}
+    data, _ = _originals(out)
+    _, originals = _originals(squad_fixture_path)
+    changed = 0
+    for article in data["data"]:
+        for paragraph in article["paragraphs"]:
+            source = originals[re.sub(r"-aug\d$", "", paragraph["qas"][0]["id"])][0]["context"]
+            for new, old in zip(_words(paragraph["context"]), _words(source)):
+                if new != old:
+                    changed += 1
+                    assert old.lower() in glove_words and new.lower() in glove_words and new.lower() != old.lower()
+    assert changed > 0 and summary["replaced_words"] == changed
+    with pytest.raises(SystemExit):
+        augment.parse_args(["--train_file", str(squad_fixture_path), "--output_file", str(out), "--glove_only",
+                            "--mlm_name_or_path", "m", "--glove_path", str(glove_files["txt"])])

@@ -74,3 +74,19 @@ def test_prune_keeps_newest(tmp_path):
     manager = CheckpointManager(str(tmp_path), total_limit=2)
     manager._prune()
     assert [os.path.basename(p) for p in manager.completed()] == ["step_00000003", "step_00000004"]
+
+
+@pytest.mark.parametrize("keep, left", [("all", ["step_00000002", "step_00000003"]), ("last", ["step_00000003"]),
+                                        ("none", [])])
+def test_finished_run_keeps_all_last_or_no_checkpoint(tmp_path, keep, left):
+    from accelerate import Accelerator
+
+    for step in (2, 3):
+        _fake_checkpoint(tmp_path, step)
+    manager = CheckpointManager(str(tmp_path))
+    manager.last = os.path.join(tmp_path, "checkpoints", "step_00000003")
+    remaining = manager.finish(Accelerator(cpu=True), keep)
+    assert [os.path.basename(p) for p in manager.completed()] == left
+    assert remaining == (manager.last if keep != "none" else None)
+    with pytest.raises(ValueError, match="keep must be one of"):
+        manager.finish(Accelerator(cpu=True), "some")

@@ -91,8 +91,10 @@ def test_distillation_end_to_end(student_dir, tiny_bert_qa_dir, squad_fixture_pa
     # second run on the same data: the cached teacher logits are used, the teacher is not run
     out2 = tmp_path / "run2"
     proc = launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, out2, cache,
-                                               "--max_train_steps", "2"))
+                                               "--max_train_steps", "2", "--checkpointing_steps", "1",
+                                               "--keep_checkpoints", "none"))
     assert read_json(out2 / "all_results.json")["teacher_cache_hit"] is True
+    assert os.listdir(out2 / "checkpoints") == [] and read_json(out2 / "all_results.json")["checkpoint"] is None
     assert "cache hit" in proc.stdout + proc.stderr
     # a different window setting is a different cache entry
     out3 = tmp_path / "run3"
