@@ -30,26 +30,22 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
-import time
-from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoTokenizer
 
 from kd import args as kd_args
-from kd.features import check_window_args, prepare_eval_features
+from kd.features import check_window_args
 from kd.files import write_json_atomic
-from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
-from kd.squad import SquadFormatError, has_unanswerable, load_squad
+from kd.model_eval import evaluate_model
+from kd.qa_eval import save_eval_outputs
+from kd.squad import SquadFormatError, load_squad
 from kd.squad_metrics import squad_evaluate
 
 logger = logging.getLogger("evaluate")
 
-NON_WEIGHT_BIN_FILES = {"training_args.bin", "optimizer.bin", "scheduler.bin", "scaler.bin"}
 # Tokenizers without a configured limit report a huge sentinel value instead.
 _UNSET_MODEL_MAX_LENGTH = 10**9
 
@@ -157,99 +153,18 @@ def load_tokenizer(args: argparse.Namespace):
     return tokenizer
 
 
-def model_size_on_disk(model_name_or_path: str) -> int | None:
-    """Bytes of the weight files in a local model directory (None for a hub name).
-
-    Counts *.safetensors files, or *.bin files when there are none (what from_pretrained loads;
-    a directory holding both formats would otherwise count twice), skipping non-weight .bin files.
-    """
-    path = Path(model_name_or_path)
-    if not path.is_dir():
-        return None
-    files = [f for f in path.iterdir() if f.is_file()]
-    weights = [f for f in files if f.suffix == ".safetensors"] or [
-        f for f in files if f.suffix == ".bin" and f.name not in NON_WEIGHT_BIN_FILES
-    ]
-    return sum(f.stat().st_size for f in weights)
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued kernels so wall-clock timings cover the work, not just its launch."""
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
-
-
-def time_forward(accelerator: Accelerator, model, features, batch_size: int, warmup: int, timed: int) -> dict:
-    """Latency of the model on the first batch of features: ``warmup`` untimed, then ``timed`` runs.
-
-    Uses a plain (unprepared) loader so the prepared evaluation loader is never left half-read.
-    Returns the median latency in ms, features per second at that latency, and the batch size.
-    """
-    batch = next(iter(make_eval_dataloader(features, batch_size)))
-    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    latencies = []
-    model.eval()
-    with torch.no_grad(), accelerator.autocast():
-        for step in range(warmup + timed):
-            _synchronize(accelerator.device)
-            start = time.perf_counter()
-            model(**batch)
-            _synchronize(accelerator.device)
-            if step >= warmup:
-                latencies.append(time.perf_counter() - start)
-    median = statistics.median(latencies)
-    size = len(batch["input_ids"])
-    return {
-        "latency_ms_per_batch_median": 1000.0 * median,
-        "throughput_samples_per_s": size / median,
-        "eval_batch_size": size,
-        "warmup_batches": warmup,
-        "timing_batches": timed,
-    }
-
-
 def run_model(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     """``--model_name_or_path`` mode: predict, score, time; returns eval_results (all processes)."""
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
-    examples = load_examples(args)
-    features = prepare_eval_features(
-        examples, tokenizer, max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
-        max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers,
-    )
-    model = AutoModelForQuestionAnswering.from_pretrained(args.model_name_or_path)
-    num_parameters = sum(p.numel() for p in model.parameters())
-    dataloader = make_eval_dataloader(features, args.per_device_eval_batch_size)
-    model, dataloader = accelerator.prepare(model, dataloader)
-
-    timing = time_forward(
-        accelerator, model, features, args.per_device_eval_batch_size, args.warmup_batches, args.timing_batches
-    )
-    version_2 = args.version_2_with_negative
-    if version_2 is None:
-        version_2 = has_unanswerable(examples)
-    metrics, predictions, null_odds = evaluate_qa(
-        accelerator, model, examples, features, dataloader,
-        n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
-        version_2_with_negative=version_2, no_answer_threshold=args.no_answer_threshold,
-    )
-    results = {
-        **metrics,
-        "num_parameters": num_parameters,
-        "model_size_on_disk_bytes": model_size_on_disk(args.model_name_or_path),
-        **timing,
-        "max_seq_length": args.max_seq_length,
-        "doc_stride": args.doc_stride,
-        "device": str(accelerator.device),
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "num_examples": len(examples),
-        "num_features": len(features),
-        "version_2_with_negative": version_2,
-        "no_answer_threshold": args.no_answer_threshold,
-        "model_name_or_path": args.model_name_or_path,
-        "validation_file": args.validation_file,
-    }
+    results, predictions, null_odds = evaluate_model(
+        accelerator, args.model_name_or_path, tokenizer, load_examples(args), max_seq_length=args.max_seq_length,
+        doc_stride=args.doc_stride, max_query_length=args.max_query_length, n_best_size=args.n_best_size,
+        max_answer_length=args.max_answer_length, no_answer_threshold=args.no_answer_threshold,
+        version_2_with_negative=args.version_2_with_negative, eval_batch_size=args.per_device_eval_batch_size,
+        warmup_batches=args.warmup_batches, timing_batches=args.timing_batches,
+        num_proc=args.preprocessing_num_workers)
+    results["validation_file"] = args.validation_file
     if accelerator.is_main_process and args.output_dir:
         save_eval_outputs(args.output_dir, results, predictions, null_odds)
         logger.info("Wrote predictions.json, null_odds.json, eval_results.json to %s", args.output_dir)

@@ -1,0 +1,77 @@
+"""report.py end to end on tiny models: the table, the diagram, and the same numbers as evaluate.py."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+import report
+from kd.student import student_from_teacher_layers
+from tests.helpers import REPO_ROOT, launch, read_json
+
+WINDOW = ["--max_seq_length", "128", "--doc_stride", "48", "--max_query_length", "32"]
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_bert_qa_dir, tmp_path_factory):
+    student = student_from_teacher_layers(AutoModelForQuestionAnswering.from_pretrained(tiny_bert_qa_dir), [2])
+    out = tmp_path_factory.mktemp("report_student")
+    student.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert_qa_dir).save_pretrained(out)
+    return out
+
+
+def test_report_table_plot_and_evaluate_agree(tiny_bert_qa_dir, student_dir, squad_fixture_path, tmp_path):
+    out = tmp_path / "report"
+    proc = launch("report.py", ["--models", f"teacher={tiny_bert_qa_dir}", f"student={student_dir}",
+                                "--validation_file", squad_fixture_path, "--output_dir", out, *WINDOW,
+                                "--warmup_batches", 1, "--timing_batches", 2])
+    data = read_json(out / "report.json")
+    rows = {r["model"]: r for r in data["rows"]}
+    assert list(rows) == ["teacher", "student"] and data["teacher"] == "teacher"
+    assert rows["teacher"]["speedup"] == pytest.approx(1.0) and rows["teacher"]["f1_kept_percent"] == pytest.approx(100)
+    assert rows["student"]["num_parameters"] < rows["teacher"]["num_parameters"]
+    assert rows["student"]["speedup"] == pytest.approx(rows["teacher"]["latency_ms_batch1"]
+                                                       / rows["student"]["latency_ms_batch1"])
+    for r in rows.values():
+        assert r["latency_ms_batch1"] > 0 and r["throughput_batch32"] > 0 and r["size_on_disk_bytes"] > 0
+
+    # the markdown table: a header, a rule and one row per model, with the printed figures
+    table = (out / "report.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(lines) == 2 + 2 and lines[2].startswith("| teacher (teacher) |") and lines[3].startswith("| student |")
+    assert f"| {rows['student']['f1']:.2f} |" in lines[3] and "report.png" in table
+    assert lines[2] in proc.stdout
+
+    # the diagram, as PNG and SVG
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (out / "report.svg").read_text()[:2000]
+    assert not list(out.glob("*.tmp*"))
+
+    # each model's numbers are evaluate.py's, on the same data and windows
+    for name, model_dir in (("teacher", tiny_bert_qa_dir), ("student", student_dir)):
+        eval_out = tmp_path / f"eval_{name}"
+        subprocess.run([sys.executable, str(REPO_ROOT / "evaluate.py"), "--model_name_or_path", str(model_dir),
+                        "--validation_file", str(squad_fixture_path), "--output_dir", str(eval_out), *WINDOW],
+                       cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+        expected = read_json(eval_out / "eval_results.json")
+        for key in ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"):
+            assert rows[name][key] == expected[key], key
+        assert rows[name]["num_parameters"] == expected["num_parameters"]
+        assert read_json(out / name / "predictions.json") == read_json(eval_out / "predictions.json")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "teacher"], "NAME=PATH"),
+    (["--models", "a=x/y", "a=x/z"], "given twice"),
+    (["--models", "a=./no_such_dir"], "no such model directory"),
+    (["--models", "a=m", "--teacher", "b"], "none of the --models names"),
+])
+def test_bad_arguments(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        report.parse_args([*argv, "--validation_file", "x.json", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and re.search(re.escape(message), capsys.readouterr().err)
