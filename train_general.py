@@ -50,16 +50,13 @@ from kd.corpus import DatasetCorpus, FileCorpus
 from kd.data import make_train_dataloader
 from kd.intermediate import build_distiller, freeze_unreached_parameters, make_compute_loss
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
-from kd.models import export_student, load_teacher, no_zero3_init
+from kd.models import export_student, load_teacher, no_zero3_init, usable_positions
 from kd.optim import make_optimizer, make_scheduler, total_and_warmup_steps
 from kd.packing import DataTrace, PackedCorpus, build_packed_corpus
 from kd.records import run_record, write_outcome, write_record
-from kd.runtime import init_trackers, setup_accelerator
+from kd.runtime import init_trackers, setup_accelerator, start_run
 from kd.streaming import DatasetShardReader, FileShardReader, PackedStream
 from kd.student import parse_layer_selection, student_config_of_size, student_from_teacher_layers
-
-# RoBERTa-style models number positions from pad_token_id + 1, so they hold 2 positions fewer than they have
-POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
 
 def parse_args(argv=None):
@@ -77,7 +74,7 @@ def parse_args(argv=None):
         teacher_config = AutoConfig.from_pretrained(args.teacher_name_or_path)
         config = student_config(args, teacher_config)
         for who, c in (("teacher", teacher_config), ("student", config)):
-            room = c.max_position_embeddings - POSITION_OFFSET.get(c.model_type, 0)
+            room = usable_positions(c)
             if args.max_seq_length > room:
                 raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the {who}'s {room} positions")
         with torch.device("meta"):
@@ -138,7 +135,12 @@ def check_student_tokenizer(student_path, teacher_tokenizer, teacher_path):
 def main(argv=None):
     args, resolved = parse_args(argv)
     accelerator = setup_accelerator(args.output_dir, args.seed, args.gradient_accumulation_steps, args.report_to)
-    write_record(accelerator, args.output_dir, "run_config.json", run_record(vars(args), accelerator, **resolved))
+    run_id = None
+    if not args.preprocess_only:  # that only fills the corpus cache: it is no run of its own
+        run_id = start_run(accelerator, args.output_dir, resume=args.resume_from_checkpoint is not None,
+                           overwrite=args.overwrite_output_dir)  # another run's dir is refused
+        write_record(accelerator, args.output_dir, "run_config.json",
+                     run_record(vars(args), accelerator, run_id=run_id, **resolved))
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # ---------------------------------------------------------------- data: the teacher's tokenizer, packed text
@@ -214,9 +216,9 @@ def main(argv=None):
     trace = DataTrace(os.path.join(args.output_dir, "data_trace"), rank) if args.trace_data else None
 
     # ---------------------------------------------------------------- resume (mid-stream too: the stream's position)
-    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit,
+    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit, run_id=run_id,
                                     data_state=train_dataloader if args.streaming else None)
-    state = checkpoints.resume(accelerator, args.resume_from_checkpoint)
+    state = checkpoints.resume(accelerator, args.resume_from_checkpoint, model)  # verified, else an older one
     sync = StepSync(accelerator, args.gradient_accumulation_steps, checkpoints, state)
     train_log = TrainLog(accelerator, args.output_dir, args.logging_steps, total_steps, state.completed_steps)
     log_banner(accelerator, data=corpus_info.get("reading") or f"{packed.meta['num_documents']} documents -> "
@@ -262,7 +264,7 @@ def main(argv=None):
     if args.streaming:
         corpus_info.update(stream_epoch=train_dataloader.epoch, stream_batches=train_dataloader.batches)
     write_outcome(accelerator, args.output_dir, run_record(
-        vars(args), accelerator, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
+        vars(args), accelerator, run_id=run_id, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
         total_steps=total_steps, student=origin, teacher_dtype=str(next(teacher.parameters()).dtype),
         frozen_parameters=frozen, corpus=corpus_info, train_metrics=train_log.summary(state.completed_steps)),
         preempted_by=preemption.describe() if sync.preempted else None)

@@ -27,6 +27,7 @@ git sha, final metrics), predictions.json / null_odds.json / eval_results.json o
 """
 
 import argparse
+import logging
 import sys
 
 import numpy as np
@@ -42,9 +43,11 @@ from kd.losses import prediction_distillation_loss
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
 from kd.records import run_record, write_outcome, write_record
-from kd.runtime import init_trackers, setup_accelerator
+from kd.runtime import init_trackers, setup_accelerator, start_run
 from kd.squad import load_squad_splits
 from kd.teacher_cache import teacher_logits
+
+logger = logging.getLogger("train_prediction")
 
 
 def parse_args(argv=None):
@@ -59,6 +62,8 @@ def parse_args(argv=None):
     kd_args.check_training(parser, args)
     kd_args.check_squad_data(parser, args)
     kd_args.check_windows(parser, args)
+    kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path,
+                                         "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
     weight = kd_args.check_prediction_distillation(parser, args)  # 0 without a teacher: gold spans only
     return args, {"distillation_loss_weight": weight}
 
@@ -66,7 +71,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args, resolved = parse_args(argv)
     accelerator = setup_accelerator(args.output_dir, args.seed, args.gradient_accumulation_steps, args.report_to)
-    write_record(accelerator, args.output_dir, "run_config.json", run_record(vars(args), accelerator, **resolved))
+    run_id = start_run(accelerator, args.output_dir, resume=args.resume_from_checkpoint is not None,
+                       overwrite=args.overwrite_output_dir)  # another run's dir is refused
+    write_record(accelerator, args.output_dir, "run_config.json",
+                 run_record(vars(args), accelerator, run_id=run_id, **resolved))
 
     # ---------------------------------------------------------------- data
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -79,6 +87,9 @@ def main(argv=None):
             max_eval_samples=args.max_eval_samples)
         train_features = prepare_train_features(train_examples, tokenizer, **window)
         eval_features = prepare_eval_features(eval_examples, tokenizer, **window) if eval_examples else None
+    if not any(answers["text"] for answers in train_examples["answers"]):
+        logger.warning("%s has no answerable question: the span loss only teaches the no-answer position.",
+                       args.train_file or args.dataset_name)
     inputs = model_input_arrays(train_features)
     columns = {**inputs, "start_positions": np.asarray(train_features["start_positions"]),
                "end_positions": np.asarray(train_features["end_positions"])}
@@ -113,8 +124,8 @@ def main(argv=None):
                   {**vars(args), **resolved, "total_steps": total_steps, "num_train_features": len(train_features)})
 
     # ---------------------------------------------------------------- resume
-    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
-    state = checkpoints.resume(accelerator, args.resume_from_checkpoint)
+    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit, run_id=run_id)
+    state = checkpoints.resume(accelerator, args.resume_from_checkpoint, model)  # verified, else an older one
     sync = StepSync(accelerator, args.gradient_accumulation_steps, checkpoints, state)
     train_log = TrainLog(accelerator, args.output_dir, args.logging_steps, total_steps, state.completed_steps)
     log_banner(accelerator, data=f"{len(train_examples)} questions -> {len(train_features)} features; eval: "
@@ -180,7 +191,7 @@ def main(argv=None):
             if predictions is not None:
                 save_eval_outputs(args.output_dir, eval_metrics, predictions, null_odds)
     write_outcome(accelerator, args.output_dir, run_record(
-        vars(args), accelerator, **resolved, **teacher_info, state=state.to_json(), checkpoint=checkpoints.last,
+        vars(args), accelerator, run_id=run_id, **resolved, **teacher_info, state=state.to_json(), checkpoint=checkpoints.last,
         total_steps=total_steps, train_metrics=train_log.summary(state.completed_steps), eval_metrics=eval_metrics),
         preempted_by=preemption.describe() if sync.preempted else None)
     if eval_metrics:

@@ -44,7 +44,7 @@ from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, l
 from kd.models import export_student, load_teacher, no_zero3_init
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.records import run_record, write_outcome, write_record
-from kd.runtime import init_trackers, setup_accelerator
+from kd.runtime import init_trackers, setup_accelerator, start_run
 from kd.squad import load_squad_splits
 
 PROBE_ROWS = 2  # windows used to find the parameters the losses cannot reach
@@ -63,6 +63,8 @@ def parse_args(argv=None):
     kd_args.check_training(parser, args)
     kd_args.check_squad_data(parser, args)
     kd_args.check_windows(parser, args)
+    kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path,
+                                         "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
     weights = kd_args.check_intermediate_distillation(parser, args)
     try:  # from the configs alone: a bad layer map or loss setting fails before anything is loaded
         distiller = check_distillation_setup(args.model_name_or_path, args.teacher_name_or_path, args.layer_map,
@@ -76,7 +78,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args, resolved = parse_args(argv)
     accelerator = setup_accelerator(args.output_dir, args.seed, args.gradient_accumulation_steps, args.report_to)
-    write_record(accelerator, args.output_dir, "run_config.json", run_record(vars(args), accelerator, **resolved))
+    run_id = start_run(accelerator, args.output_dir, resume=args.resume_from_checkpoint is not None,
+                       overwrite=args.overwrite_output_dir)  # another run's dir is refused
+    write_record(accelerator, args.output_dir, "run_config.json",
+                 run_record(vars(args), accelerator, run_id=run_id, **resolved))
 
     # ---------------------------------------------------------------- data (model inputs only: no labels)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -126,8 +131,8 @@ def main(argv=None):
     distill = make_compute_loss(teacher, distiller)  # teacher capture (no grad) + student forward + loss terms
 
     # ---------------------------------------------------------------- resume
-    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
-    state = checkpoints.resume(accelerator, args.resume_from_checkpoint)
+    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit, run_id=run_id)
+    state = checkpoints.resume(accelerator, args.resume_from_checkpoint, model)  # verified, else an older one
     sync = StepSync(accelerator, args.gradient_accumulation_steps, checkpoints, state)
     train_log = TrainLog(accelerator, args.output_dir, args.logging_steps, total_steps, state.completed_steps)
     log_banner(accelerator, data=f"{len(train_examples)} questions -> {num_features} windows; held-out: "
@@ -175,7 +180,7 @@ def main(argv=None):
         checkpoints.finish(accelerator, args.keep_checkpoints)
         export_student(accelerator, model, tokenizer, args.output_dir)
     write_outcome(accelerator, args.output_dir, run_record(
-        vars(args), accelerator, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
+        vars(args), accelerator, run_id=run_id, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
         total_steps=total_steps, layer_map=[list(p) for p in distiller.layer_map],
         teacher_dtype=str(next(teacher.parameters()).dtype),
         frozen_parameters={"head": frozen_head, "unreached": frozen_unreached},

@@ -143,6 +143,9 @@ def training_args() -> argparse.ArgumentParser:
     g.add_argument("--keep_checkpoints", default="all", choices=["all", "last", "none"],
                    help="Once the run has finished: keep all checkpoints (up to --checkpoints_total_limit), only "
                         "the last, or none (the exported model is the result; optimizer states are large).")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Delete the checkpoints and records of a run already in --output_dir, then start anew "
+                        "(without it, such a dir is refused unless the run resumes).")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (start fresh if there is none yet, handy in requeued jobs) or a checkpoint dir.")
     g.add_argument("--report_to", default="none", choices=["none", "wandb", "tensorboard", "all"],
@@ -152,7 +155,37 @@ def training_args() -> argparse.ArgumentParser:
     return parser
 
 
+def check_models(parser: argparse.ArgumentParser, models: dict[str, str | None], max_seq_length: int) -> dict:
+    """Each ``{flag: name or path}`` must load its config (a model dir, or a model on the hub) and take inputs of
+    ``max_seq_length`` tokens; checked before any data work. Returns {flag: config}."""
+    from transformers import AutoConfig
+
+    from kd.models import usable_positions
+
+    configs = {}
+    for flag, name in models.items():
+        if name is None:
+            continue
+        try:
+            configs[flag] = AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            where = "no such directory, and no" if not os.path.isdir(name) else "a directory without a usable"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            parser.error(f"{flag} {name}: {where} model config could be loaded ({first}). Pass a directory saved "
+                         "with save_pretrained, or a model name on the Hugging Face hub.")
+        room = usable_positions(configs[flag])
+        if max_seq_length > room:
+            parser.error(f"--max_seq_length {max_seq_length} exceeds the {room} positions of {flag} {name}; pass "
+                         f"--max_seq_length {room} or less.")
+    return configs
+
+
 def check_training(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0) or (name == "learning_rate" and value == 0):
+            parser.error(f"--{name} must be a finite number {'> 0' if name == 'learning_rate' else '>= 0'}, "
+                         f"got {value}.")
     if not args.num_train_epochs > 0 and args.max_train_steps is None:
         parser.error(f"--num_train_epochs must be > 0, got {args.num_train_epochs}.")
     if not 0 <= args.warmup_ratio < 1:
@@ -186,8 +219,8 @@ def prediction_distillation_args() -> argparse.ArgumentParser:
 
 def check_prediction_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> float:
     """Returns the distillation loss weight in effect: 0 without a teacher (gold spans only)."""
-    if not args.temperature > 0:
-        parser.error(f"--temperature must be > 0, got {args.temperature}.")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        parser.error(f"--temperature must be > 0 and finite, got {args.temperature}.")
     if not 0.0 <= args.distillation_loss_weight <= 1.0:
         parser.error(f"--distillation_loss_weight must be in [0, 1], got {args.distillation_loss_weight}.")
     return args.distillation_loss_weight if args.teacher_name_or_path else 0.0

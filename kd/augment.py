@@ -151,7 +151,8 @@ def validate_squad_for_augmentation(data: dict, source: str, copies: int) -> Non
         SquadFormatError: what is wrong and where (file, article, question id).
     """
     records = flatten_squad(data, source)
-    validate_records(records, source)
+    validate_records(records, source, fix_hint="Fix the data: every question is copied with its answers, so each "
+                                               "must be valid.")
     plausible = []
     for article in data["data"]:
         for paragraph in article["paragraphs"]:

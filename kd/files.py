@@ -2,12 +2,16 @@
 
 - :func:`write_json_atomic`: temp file beside the target, fsync, rename.
 - :func:`publish_dir`: a finished temp dir renamed into place as a cache entry.
+- :func:`space_error`: a write that failed because the disk is full, said as such (torch and numpy report it as
+  "unexpected pos ..." or "N requested and M written").
 - :func:`cache_dir`: the one rule for cache locations: ``$KD_CACHE/<kind>`` when ``KD_CACHE`` is set, else
   ``~/.cache/kd-qa/<kind>`` (kinds: ``teacher_logits``, ``corpus``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -43,3 +47,36 @@ def cache_dir(kind: str) -> str:
     """Default cache location of one kind of cached data: ``$KD_CACHE/<kind>`` or ``~/.cache/kd-qa/<kind>``."""
     root = os.environ.get("KD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kd-qa")
     return os.path.join(root, kind)
+
+
+FULL_DISK_BYTES = 2**20  # what is left free after a write failed for want of space
+
+
+def space_error(err: BaseException, path: str, what: str) -> BaseException:
+    """``err`` as it is, unless the file system of ``path`` is full: then an OSError(ENOSPC) that says so, with
+    what was being written, where, and the bytes free. Call it before removing the partial output."""
+    cause, full = err, False
+    while cause is not None and not full:
+        full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+        cause = cause.__cause__ or cause.__context__
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing or ".").free
+    if not (full or free < FULL_DISK_BYTES):
+        return err
+    return OSError(errno.ENOSPC, f"No space left on device writing {what} to {path} ({free} bytes free on that "
+                                 f"file system; {type(err).__name__}: {err}). Free some space, or point it "
+                                 "elsewhere, then resume; what was written before is intact.")
+
+
+@contextlib.contextmanager
+def writing(path: str, what: str):
+    """Re-raise a write that failed on a full disk as :func:`space_error` says it (anything else unchanged)."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as err:
+        error = space_error(err, path, what)
+        if error is err:
+            raise
+        raise error from err

@@ -173,6 +173,8 @@ class TrainLog:
                  start_step: int = 0):
         self.accelerator, self.logging_steps, self.total_steps = accelerator, logging_steps, total_steps
         self.path = os.path.join(output_dir, "train_log.jsonl")
+        if accelerator.is_main_process:
+            self._drop_lines_after(start_step)
         self.progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process,
                              desc="train", unit="step", dynamic_ncols=True)
         self.running: dict[str, float] = {}
@@ -180,6 +182,18 @@ class TrainLog:
         self.t_start = self.t_interval = time.perf_counter()
         self.cpu_start = time.process_time()
         self.tokens_at_interval = 0.0
+
+    def _drop_lines_after(self, step: int) -> None:
+        """A resumed run logs again the steps after its checkpoint: drop what the interrupted run logged of them,
+        so that the log holds each step once."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, self.path)
 
     def write(self, values: dict, step: int) -> None:
         self.accelerator.log(values, step=step)

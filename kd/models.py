@@ -1,4 +1,4 @@
-"""The models of an intermediate-distillation stage: loading them whole, a frozen teacher, the plain student out.
+"""The models of a stage: how long an input they take, loading them whole, a frozen teacher, the plain student out.
 
 Separate from kd.intermediate because none of this depends on the losses: the teacher and the student are loaded
 before the distiller exists, and the export only needs the distiller's ``student.`` prefix.
@@ -12,6 +12,15 @@ import inspect
 from torch import nn
 
 from kd.capture import base_encoder
+
+
+# RoBERTa-style models number positions from pad_token_id + 1, so they hold 2 positions fewer than they have
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
+def usable_positions(config) -> int:
+    """The longest input (special tokens included) a model of ``config`` takes."""
+    return config.max_position_embeddings - POSITION_OFFSET.get(config.model_type, 0)
 
 
 @contextlib.contextmanager

@@ -65,3 +65,24 @@ def init_trackers(accelerator: Accelerator, project_name: str, run_name: str | N
               for k, v in config.items() if isinstance(v, (int, float, str, bool)) or v is None}
     init_kwargs = {"wandb": {"dir": output_dir, "name": run_name}}
     accelerator.init_trackers(project_name, config=config, init_kwargs=init_kwargs)
+
+
+def start_run(accelerator: Accelerator, output_dir: str, resume: bool, overwrite: bool) -> str | None:
+    """Claim ``output_dir`` for this run (kd.run_dir): refuse another run's dir unless resuming or overwriting,
+    then record the run. Every process checks before the main one writes; returns the run id on every process."""
+    import sys
+
+    from accelerate.utils import broadcast_object_list
+
+    from kd.run_dir import OutputDirInUseError, check_output_dir, claim_output_dir
+
+    try:
+        check_output_dir(output_dir, resume, overwrite)
+    except OutputDirInUseError as err:
+        accelerator.print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    accelerator.wait_for_everyone()
+    run_id = [claim_output_dir(output_dir, resume, overwrite, os.path.basename(sys.argv[0]))
+              if accelerator.is_main_process else None]
+    broadcast_object_list(run_id)
+    return run_id[0]

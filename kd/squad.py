@@ -63,11 +63,22 @@ def read_squad_json(path: str | os.PathLike) -> dict:
         with path.open(encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
-        raise SquadFormatError(f"{path}: not valid JSON ({err}).") from err
+        raise SquadFormatError(f"{path}: not valid JSON ({err}){_format_hint(path, err)}.") from err
     except UnicodeDecodeError as err:
         raise SquadFormatError(f"{path}: not UTF-8 text ({err}).") from err
     _check_nested_shape(data, str(path))
     return data
+
+
+def _format_hint(path: Path, err: json.JSONDecodeError) -> str:
+    """Why a file that is not JSON may have been passed: it is empty, or it is JSON Lines."""
+    expected = '; expected one SQuAD JSON document {"version": ..., "data": [{"title": ..., "paragraphs": [...]}]}'
+    if path.stat().st_size == 0 or not err.doc.strip():
+        return f": the file is empty{expected}"
+    if err.msg == "Extra data" and err.lineno > 1 and err.doc[:err.pos].count("\n") == err.lineno - 1:
+        return (f": it looks like JSON Lines (one JSON object per line){expected}; convert it, e.g. "
+                "{\"data\": [one article per line]}")
+    return ""
 
 
 def _check_nested_shape(data: object, source: str) -> None:
@@ -219,8 +230,11 @@ def _clean_record(record: Mapping) -> dict:
     }
 
 
+SKIP_INVALID_HINT = "Fix the data, or pass --skip_invalid (skip_invalid=True) to drop invalid records."
+
+
 def validate_records(
-    records: Iterable[Mapping], source: str, skip_invalid: bool = False
+    records: Iterable[Mapping], source: str, skip_invalid: bool = False, fix_hint: str = SKIP_INVALID_HINT
 ) -> tuple[list[dict], list[str]]:
     """Check every record; return the valid ones and one problem line per invalid record.
 
@@ -231,7 +245,7 @@ def validate_records(
     Raises:
         SquadFormatError: when any record is invalid and ``skip_invalid`` is False; the message
             lists the first few problems (source file, article title, question id, problem) and
-            the total count, and points at ``--skip_invalid``.
+            the total count, and ``fix_hint`` (by default: how to fix it, or ``--skip_invalid``).
     """
     valid, problems = [], []
     seen_ids: set[str] = set()
@@ -251,8 +265,7 @@ def validate_records(
         more = len(problems) - _MAX_LISTED_PROBLEMS
         tail = f"\n  ... and {more} more" if more > 0 else ""
         raise SquadFormatError(
-            f"{len(problems)} invalid record(s) in {source}:\n{listed}{tail}\n"
-            "Fix the data, or pass --skip_invalid (skip_invalid=True) to drop invalid records."
+            f"{len(problems)} invalid record(s) in {source}:\n{listed}{tail}\n{fix_hint}"
         )
     return valid, problems
 

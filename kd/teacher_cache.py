@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kd.files import cache_dir as kd_cache_dir
-from kd.files import publish_dir
+from kd.files import publish_dir, writing
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +93,11 @@ def _publish(entry: str, start: np.ndarray, end: np.ndarray, meta: dict) -> None
     tmp = os.path.join(parent, f".tmp-{os.path.basename(entry)}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        np.save(os.path.join(tmp, "start_logits.npy"), start)
-        np.save(os.path.join(tmp, "end_logits.npy"), end)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        with writing(tmp, "teacher logits"):
+            np.save(os.path.join(tmp, "start_logits.npy"), start)
+            np.save(os.path.join(tmp, "end_logits.npy"), end)
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=2)
         publish_dir(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,11 +141,16 @@ def teacher_logits(
     logger.info("Teacher logits: cache miss; running %s once over %d features in %s.",
                 teacher_name_or_path, len(next(iter(input_columns.values()))), info["teacher_dtype"])
     t0 = time.perf_counter()
-    teacher = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=dtype).to(accelerator.device)
-    teacher.eval()
-    loader = torch.utils.data.DataLoader(TensorDictDataset(input_columns), batch_size=batch_size,
-                                         collate_fn=batch_is_ready)
-    start, end = predict_logits(accelerator, teacher, accelerator.prepare_data_loader(loader))
+    # The pass leaves every random generator as it found it (a DataLoader iterator draws its base seed from the
+    # global one, a head missing from the checkpoint is initialised from it): the same seed then trains the same
+    # student whether the cache was cold or warm, and whatever number of processes filled it.
+    cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        teacher = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=dtype).to(accelerator.device)
+        teacher.eval()
+        loader = torch.utils.data.DataLoader(TensorDictDataset(input_columns), batch_size=batch_size,
+                                             collate_fn=batch_is_ready)
+        start, end = predict_logits(accelerator, teacher, accelerator.prepare_data_loader(loader))
     elapsed = time.perf_counter() - t0
     # The student must not share memory with the teacher while it trains.
     del teacher

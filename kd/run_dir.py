@@ -1,0 +1,79 @@
+"""An output dir belongs to one run: a new run never mixes its checkpoints, logs or results with another's.
+
+A run gets an id when it first claims its output dir (``OUTPUT_DIR/run.json``); every checkpoint it saves records
+that id, and only checkpoints with it are resumed from or pruned (kd.checkpoint.CheckpointManager). A dir that
+already holds another run's checkpoints, records or model is refused, unless the run continues it
+(``--resume_from_checkpoint``: same id) or replaces it (``--overwrite_output_dir``: the old checkpoints and
+records are deleted first, and a new id is drawn). Modelled on the HF Trainer's and Accelerate's refusal of a
+non-empty output dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+
+from kd.files import write_json_atomic
+
+RUN_FILE = "run.json"
+# What a run leaves in its output dir besides checkpoints/: records, evaluation files, the exported model.
+RUN_OUTPUTS = ("run.json", "run_config.json", "train_log.jsonl", "all_results.json", "preempted.json",
+               "eval_results.json", "predictions.json", "null_odds.json", "config.json", "model.safetensors",
+               "pytorch_model.bin", "data_trace")
+
+
+class OutputDirInUseError(RuntimeError):
+    pass
+
+
+def run_outputs(output_dir: str) -> list[str]:
+    """The names in ``output_dir`` that a run left there (checkpoints/ when it holds any checkpoint)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, name))]
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        found.insert(0, "checkpoints/")
+    return found
+
+
+def read_run_id(output_dir: str) -> str | None:
+    try:
+        with open(os.path.join(output_dir, RUN_FILE)) as f:
+            return json.load(f)["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
+    """Raise OutputDirInUseError when ``output_dir`` holds another run and the new one neither resumes nor
+    overwrites it. Reads only: safe on every process before any of them writes."""
+    found = run_outputs(output_dir)
+    if found and not resume and not overwrite:
+        raise OutputDirInUseError(
+            f"--output_dir {output_dir} already holds a run ({', '.join(found)}). Pass --resume_from_checkpoint "
+            "latest to continue it, --overwrite_output_dir to delete its checkpoints and records and start anew, "
+            "or choose another --output_dir.")
+
+
+def claim_output_dir(output_dir: str, resume: bool, overwrite: bool, script: str) -> str | None:
+    """Main process only, after :func:`check_output_dir` passed on every process: clear the old run when
+    overwriting, then record this run. Returns the run id (None when resuming a run saved before run ids)."""
+    if overwrite and not resume:
+        for name in run_outputs(output_dir):
+            path = os.path.join(output_dir, name.rstrip("/"))
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(output_dir, exist_ok=True)
+    run_id = read_run_id(output_dir) if resume else None
+    if run_id is None and resume and os.path.isdir(os.path.join(output_dir, "checkpoints")) \
+            and not os.path.exists(os.path.join(output_dir, RUN_FILE)) and os.listdir(os.path.join(output_dir,
+                                                                                                  "checkpoints")):
+        return None  # checkpoints of a run from before run ids: they carry none, and this run continues them
+    if run_id is None:
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        write_json_atomic(os.path.join(output_dir, RUN_FILE), {"run_id": run_id, "script": script,
+                                                               "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return run_id
