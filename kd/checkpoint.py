@@ -219,7 +219,7 @@ class CheckpointManager:
             if accelerator.is_main_process:
                 write_json_atomic(os.path.join(partial, STATE_FILE),
                                   {**state.to_json(), "run_id": self.run_id, "files": manifest(partial)})
-        except (OSError, RuntimeError) as err:
+        except Exception as err:  # torch, numpy and safetensors each report a full disk in their own way
             error = space_error(err, partial, "a checkpoint")
             shutil.rmtree(partial, ignore_errors=True)  # frees the space it took; never mistaken for a checkpoint
             raise error from err

@@ -75,7 +75,7 @@ def writing(path: str, what: str):
     """Re-raise a write that failed on a full disk as :func:`space_error` says it (anything else unchanged)."""
     try:
         yield
-    except (OSError, RuntimeError, ValueError) as err:
+    except Exception as err:  # torch, numpy and safetensors each report a full disk in their own way
         error = space_error(err, path, what)
         if error is err:
             raise

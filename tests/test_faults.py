@@ -1,0 +1,226 @@
+"""Faults a long run meets, injected as a user would meet them; each test asserts the outcome, not only "no crash".
+
+Runs train_prediction.py on the tiny random models (the machinery is the same in every training script).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+from kd.checkpoint import STATE_FILE, CheckpointManager, damage
+from kd.student import student_from_teacher_layers
+from tests.helpers import REPO_ROOT, launch, read_json, read_jsonl, script_env
+
+WINDOW = ["--max_seq_length", "128", "--doc_stride", "48", "--max_query_length", "32"]
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_bert_qa_dir, tmp_path_factory):
+    student = student_from_teacher_layers(AutoModelForQuestionAnswering.from_pretrained(tiny_bert_qa_dir), [2])
+    out = tmp_path_factory.mktemp("fault_student")
+    student.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert_qa_dir).save_pretrained(out)
+    return out
+
+
+def _args(student_dir, fixture, out, *extra, teacher=None, cache=None):
+    args = ["--model_name_or_path", student_dir, "--train_file", fixture, "--output_dir", out,
+            "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "1", "--seed", "5",
+            *WINDOW]
+    if teacher:
+        args += ["--teacher_name_or_path", teacher, "--teacher_cache_dir", cache, "--temperature", "2"]
+    return [*args, *map(str, extra)]
+
+
+def _weights(out_dir) -> dict:
+    return load_file(os.path.join(out_dir, "model.safetensors"))
+
+
+def _assert_same_weights(a, b, tol=1e-6):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() <= tol, k
+
+
+def _tree_digest(root) -> dict[str, str]:
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+# --- an output dir belongs to one run --------------------------------------------------------------------------------
+def test_reusing_an_output_dir_is_refused_and_the_old_run_stays_intact(student_dir, squad_fixture_path, tmp_path):
+    out = tmp_path / "run"
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, out, "--max_train_steps", 6,
+                                        "--checkpointing_steps", 2, "--checkpoints_total_limit", 3))
+    before, old_id = _tree_digest(out), read_json(out / "run.json")["run_id"]
+    proc = launch("train_prediction.py", _args(student_dir, squad_fixture_path, out, "--max_train_steps", 2,
+                                               "--checkpointing_steps", 1), check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert _tree_digest(out) == before  # nothing of the old run touched, nothing of the new one written
+
+    # --overwrite_output_dir: the old checkpoints and records go first, then the new run is alone in the dir
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, out, "--max_train_steps", 2,
+                                        "--checkpointing_steps", 1, "--checkpoints_total_limit", 3,
+                                        "--overwrite_output_dir"))
+    results = read_json(out / "all_results.json")
+    assert results["state"]["completed_steps"] == 2 and results["total_steps"] == 2
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000001", "step_00000002"]
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl") if "train/loss" in r] == [1, 2]
+    assert results["run_id"] == read_json(out / "run.json")["run_id"] != old_id
+
+
+def test_latest_and_pruning_see_only_this_runs_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for run, steps in (("old", (70, 75, 80)), ("new", (5, 10))):
+        for step in steps:
+            path = root / f"step_{step:08d}"
+            path.mkdir(parents=True)
+            (path / STATE_FILE).write_text(
+                f'{{"epoch": 0, "batches_in_epoch": {step}, "completed_steps": {step}, "run_id": "{run}"}}')
+    manager = CheckpointManager(str(tmp_path), total_limit=1, run_id="new")
+    assert manager.latest() == str(root / "step_00000010")
+    manager._prune()
+    assert sorted(os.listdir(root)) == ["step_00000010", "step_00000070", "step_00000075", "step_00000080"]
+    assert CheckpointManager(str(tmp_path), run_id="other").resolve("latest") is None  # starts fresh
+
+
+# --- kill -9, then resume ------------------------------------------------------------------------------------------
+def _start(args):
+    cmd = [sys.executable, str(REPO_ROOT / "train_prediction.py"), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=script_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("when", ["at a random step", "during a checkpoint write"])
+def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(student_dir, squad_fixture_path, tmp_path, when):
+    common = ["--max_train_steps", 14, "--checkpointing_steps", 1 if "write" in when else 3,
+              "--checkpoints_total_limit", 2]
+    reference = tmp_path / "reference"
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, reference, *common))
+
+    out = tmp_path / "killed"
+    proc = _start(_args(student_dir, squad_fixture_path, out, *common))
+    target = int(np.random.default_rng().integers(3, 10))
+    deadline = time.time() + 300
+    while True:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        if "write" in when:
+            if (out / "checkpoints").is_dir() and any(n.endswith(".partial") for n in os.listdir(out / "checkpoints")):
+                break
+            time.sleep(0.002)
+        else:
+            log = out / "train_log.jsonl"
+            if log.exists() and len(read_jsonl(log)) >= target:
+                break
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, out, *common,
+                                        "--resume_from_checkpoint", "latest"))
+    _assert_same_weights(out, reference)
+    assert not [n for n in os.listdir(out / "checkpoints") if n.endswith(".partial")]
+    steps = [r["step"] for r in read_jsonl(out / "train_log.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, 15))  # each step logged once, although some ran twice
+
+
+# --- a damaged newest checkpoint ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage_kind", ["truncated", "overwritten"])
+def test_damaged_newest_checkpoint_falls_back_to_the_older_one(student_dir, squad_fixture_path, tmp_path,
+                                                               damage_kind):
+    common = ["--max_train_steps", 8, "--checkpointing_steps", 2, "--checkpoints_total_limit", 0]
+    finished = tmp_path / "finished"
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, finished, *common))
+    damaged, reference = tmp_path / "damaged", tmp_path / "reference"
+    shutil.copytree(finished, damaged)
+    shutil.copytree(finished, reference)
+    shutil.rmtree(reference / "checkpoints" / "step_00000008")  # what the fallback must be equal to
+
+    weights = damaged / "checkpoints" / "step_00000008" / "model.safetensors"
+    data = weights.read_bytes()
+    if damage_kind == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    else:  # 4 KB of garbage in place, size unchanged
+        weights.write_bytes(data[:-8192] + os.urandom(4096) + data[-4096:])
+    assert damage(str(weights.parent), read_json(weights.parent / STATE_FILE)["files"])
+
+    proc = launch("train_prediction.py", _args(student_dir, squad_fixture_path, damaged, *common,
+                                               "--resume_from_checkpoint", "latest"))
+    log = proc.stdout + proc.stderr
+    assert "step_00000008 is damaged: model.safetensors" in log and "Trying an older one" in log
+    assert "step_00000006, the newest intact checkpoint" in log
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, reference, *common,
+                                        "--resume_from_checkpoint", "latest"))
+    for tensor in _weights(damaged).values():
+        assert tensor.isfinite().all()
+    _assert_same_weights(damaged, reference, tol=0.0)
+
+    # nothing intact at all: a clear error naming each checkpoint, and no training
+    for path in (damaged / "checkpoints").iterdir():
+        (path / "model.safetensors").write_bytes(b"")
+    proc = launch("train_prediction.py", _args(student_dir, squad_fixture_path, damaged, *common,
+                                               "--resume_from_checkpoint", "latest"), check=False)
+    assert proc.returncode != 0 and "No intact checkpoint to resume from" in proc.stderr
+    assert "step_00000002: model.safetensors has 0 bytes" in proc.stderr
+
+
+# --- the teacher pass does not change what training draws ----------------------------------------------------------
+def test_same_seed_same_student_with_cold_or_warm_teacher_cache(student_dir, tiny_bert_qa_dir, squad_fixture_path,
+                                                                tmp_path):
+    common = ["--max_train_steps", 6]
+    cold = tmp_path / "cold"
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, cold, *common, teacher=tiny_bert_qa_dir,
+                                        cache=tmp_path / "cache"))
+    warm = tmp_path / "warm"
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, warm, *common, teacher=tiny_bert_qa_dir,
+                                        cache=tmp_path / "cache"))
+    assert read_json(cold / "all_results.json")["teacher_cache_hit"] is False
+    assert read_json(warm / "all_results.json")["teacher_cache_hit"] is True
+    _assert_same_weights(cold, warm, tol=0.0)
+
+    # a cache filled by two processes serves the same student to one
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, tmp_path / "fill2", "--max_train_steps", 1,
+                                        teacher=tiny_bert_qa_dir, cache=tmp_path / "cache2"), processes=2)
+    from2 = tmp_path / "from2"
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, from2, *common, teacher=tiny_bert_qa_dir,
+                                        cache=tmp_path / "cache2"))
+    assert read_json(from2 / "all_results.json")["teacher_cache_hit"] is True
+    _assert_same_weights(cold, from2, tol=1e-6)
+
+
+# --- a full disk -------------------------------------------------------------------------------------------------
+def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays_intact(student_dir, squad_fixture_path,
+                                                                            tmp_path):
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, f"this test mounts a 3 MB tmpfs and needs root for it: {proc.stderr.strip()}"
+    try:
+        out = mount / "run"
+        proc = launch("train_prediction.py", _args(student_dir, squad_fixture_path, out, "--max_train_steps", 40,
+                                                   "--checkpointing_steps", 1, "--checkpoints_total_limit", 0),
+                      check=False)
+        assert proc.returncode != 0
+        assert "No space left on device writing a checkpoint to" in proc.stderr and str(out) in proc.stderr
+        kept = sorted(os.listdir(out / "checkpoints"))
+        assert kept and not [n for n in kept if n.endswith(".partial")]
+        newest = out / "checkpoints" / kept[-1]
+        assert damage(str(newest), read_json(newest / STATE_FILE)["files"]) is None
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
