@@ -14,14 +14,16 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from kd.checkpoint import STATE_FILE, CheckpointManager, damage
 from kd.student import student_from_teacher_layers
-from tests.helpers import REPO_ROOT, launch, read_json, read_jsonl, script_env
+from tests.helpers import CPU_CONFIG, REPO_ROOT, free_port, launch, read_json, read_jsonl, script_env
 
+pytestmark = pytest.mark.slow
 WINDOW = ["--max_seq_length", "128", "--doc_stride", "48", "--max_query_length", "32"]
 
 
@@ -224,3 +226,60 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays_intact(stu
         assert damage(str(newest), read_json(newest / STATE_FILE)["files"]) is None
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+# --- preemption under every launcher -------------------------------------------------------------------------------
+def _launcher_cmd(kind: str, args: list) -> tuple[list[str], dict]:
+    env = script_env()
+    if kind == "torchrun":
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port())]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
+    return [sys.executable, str(REPO_ROOT / "launch.py"), *cmd, str(REPO_ROOT / "train_prediction.py"),
+            *map(str, args)], env
+
+
+@pytest.mark.parametrize("kind, target, sig", [
+    ("torchrun", "launcher", signal.SIGUSR1),   # plain torchrun dies of it and orphans its workers
+    ("torchrun", "launcher", signal.SIGTERM),   # plain torchrun exits 1 with a traceback, SIGKILLs after 30 s
+    ("torchrun", "group", signal.SIGTERM),      # plain torchrun's workers are in other sessions: never reached
+    ("torchrun", "worker", signal.SIGUSR1),     # one rank signalled: all save the same step
+    ("accelerate", "launcher", signal.SIGTERM),  # plain accelerate launch dies and orphans the script
+    ("accelerate", "wrapper", signal.SIGUSR1),
+])
+def test_preemption_signal_anywhere_saves_once_and_exits_0(student_dir, squad_fixture_path, tmp_path, kind, target,
+                                                           sig):
+    out = tmp_path / "run"
+    args = _args(student_dir, squad_fixture_path, out, "--num_train_epochs", 200)
+    cmd, env = _launcher_cmd(kind, args)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    wrapper = psutil.Process(proc.pid)
+    log, deadline = out / "train_log.jsonl", time.time() + 300
+    while not (log.exists() and len(read_jsonl(log)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training ended or stalled before the signal"
+        time.sleep(0.1)
+    launcher = wrapper.children()[0]
+    workers = launcher.children()
+    assert len(workers) == (2 if kind == "torchrun" else 1)
+    everyone = [wrapper, launcher, *workers]
+    if target == "wrapper":
+        wrapper.send_signal(sig)
+    elif target == "launcher":
+        launcher.send_signal(sig)
+    elif target == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        workers[-1].send_signal(sig)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert f"Preempted by {signal.Signals(sig).name}" in output or "Preempted by a signal on another process" in output
+    assert "Traceback" not in output and "SignalException" not in output
+    gone, alive = psutil.wait_procs(everyone, timeout=10)
+    assert not alive, f"left running: {alive}"
+    record = read_json(out / "preempted.json")
+    assert record["status"] == "preempted" and os.path.isfile(os.path.join(record["checkpoint"], STATE_FILE))
+    assert len(os.listdir(out / "checkpoints")) == 1  # one checkpoint, saved by every rank at the same step
+    assert not (out / "all_results.json").exists()

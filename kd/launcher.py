@@ -1,0 +1,100 @@
+"""Run a launcher command (``accelerate launch ...`` or ``torchrun ...``) so that a preemption signal ends the job
+the same way wherever it lands: every rank saves one checkpoint at the same step and the job exits 0.
+
+What the launchers do on their own (torch 2.13, accelerate 1.15), and why a wrapper is needed:
+- torchrun (and ``accelerate launch`` with several processes, which runs torchrun's agent in-process) starts its
+  workers in new sessions, so a signal to the launcher's process group never reaches them. On SIGTERM the agent
+  forwards the signal, SIGKILLs workers still alive after ``--shutdown_timeout`` (30 s: a large checkpoint is cut
+  off) and exits 1 with a ``SignalException`` traceback; SIGUSR1 (not in its ``--signals_to_handle``) kills the
+  agent at once and leaves the workers training on as orphans.
+- ``accelerate launch`` with one process waits on its child and dies of SIGTERM or SIGUSR1 itself, orphaning it.
+
+The wrapper: (1) becomes a child subreaper, so workers orphaned by a dying launcher become its children, and it
+exits only when every one has; (2) starts the launcher with ``PET_SIGNALS_TO_HANDLE=SIGINT`` so that torchrun's
+agent neither times workers out nor turns a signal into a failure; (3) forwards SIGTERM/SIGUSR1 it receives,
+and the one that killed the launcher, to the workers (the launcher's children, or its orphans). The workers'
+own handler (kd.loop.PreemptionFlag) and their per-step all-reduce make every rank save the same step; a signal
+sent to one worker alone reaches all of them that way. The job's status is 0 when the workers exited 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Linux: orphaned descendants are re-parented to this process instead of init."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def _workers(launcher_pid: int, launcher_alive: bool) -> list[psutil.Process]:
+    """The training processes: the launcher's children while it lives, afterwards its orphans (now ours)."""
+    try:
+        parent = psutil.Process(launcher_pid) if launcher_alive else psutil.Process()
+        return [p for p in parent.children() if p.pid != launcher_pid]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _send(processes: list[psutil.Process], signum: int) -> None:
+    for p in processes:
+        try:
+            p.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run(cmd: list[str], poll_s: float = 0.1) -> int:
+    """Run ``cmd`` (a launcher command line) to completion, every descendant included; returns the job's status."""
+    become_subreaper()
+    env = dict(os.environ, PET_SIGNALS_TO_HANDLE=os.environ.get("PET_SIGNALS_TO_HANDLE", "SIGINT"))
+    launcher = subprocess.Popen(cmd, env=env)
+    pending: list[int] = []  # signals received and not yet delivered to any worker
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: (pending.append(signum), received.append(signum)))
+                for s in FORWARDED}
+    launcher_status: int | None = None
+    worker_failed = False
+    try:
+        while True:
+            if pending:
+                workers = _workers(launcher.pid, launcher_status is None)
+                if workers:  # before the workers exist the signal waits (the launcher is still starting them)
+                    for signum in pending:
+                        _send(workers, signum)
+                    pending.clear()
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break  # nothing left: the launcher and every orphan have exited
+            if pid == 0:
+                time.sleep(poll_s)
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if pid == launcher.pid:
+                launcher_status = code
+                launcher.returncode = code  # reaped here, not by Popen
+                if -code in FORWARDED:  # a preemption signal killed the launcher: its workers must hear it too
+                    pending.append(-code)
+                    received.append(-code)
+            elif code != 0:
+                worker_failed = True
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if launcher_status == 0:
+        return 0
+    if received and launcher_status is not None and -launcher_status in FORWARDED and not worker_failed:
+        return 0  # the launcher died of the signal; its workers saved and exited cleanly
+    return launcher_status if launcher_status is not None else 1
