@@ -58,7 +58,7 @@ def _probability(text: str) -> float:
     return value
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = parser.add_argument_group("input and output")
@@ -100,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "slowest method.")
     speed.add_argument("--block_size", type=kd_args.positive_int, default=64,
                        help="Paragraphs batched together; also the unit of sharding across processes.")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_seq_length < 16:
         parser.error(f"--max_seq_length must be at least 16, got {args.max_seq_length}.")

@@ -16,13 +16,18 @@ from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, A
 from kd.student import parse_layer_selection, student_from_teacher_layers
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher_name_or_path", required=True)
     parser.add_argument("--layers", required=True, help="Block numbers to keep, e.g. '2,4,6', or 'every_other'.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--head", default="qa", choices=["qa", "none"],
                         help="qa: keep/initialise a QA head (AutoModelForQuestionAnswering); none: bare encoder.")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     config = AutoConfig.from_pretrained(args.teacher_name_or_path)

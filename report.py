@@ -52,7 +52,7 @@ def parse_models(specs: list[str]) -> dict[str, str]:
     return models
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      parents=[kd_args.window_args(), kd_args.eval_batch_args(), kd_args.answer_args()],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -67,6 +67,11 @@ def parse_args(argv=None):
     parser.add_argument("--warmup_batches", type=kd_args.non_negative_int, default=3)
     parser.add_argument("--timing_batches", type=kd_args.positive_int, default=10)
     parser.add_argument("--seed", type=int, default=42)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         models = parse_models(args.models)

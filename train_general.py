@@ -59,13 +59,18 @@ from kd.streaming import DatasetShardReader, FileShardReader, PackedStream
 from kd.student import parse_layer_selection, student_config_of_size, student_from_teacher_layers
 
 
-def parse_args(argv=None):
-    """The arguments, and the settings resolved from them: (args, {"corpus_files", "loss_weights", "distiller"})."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         parents=[kd_args.general_distillation_args(), kd_args.intermediate_distillation_args(),
                  kd_args.training_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return parser
+
+
+def parse_args(argv=None):
+    """The arguments, and the settings resolved from them: (args, {"corpus_files", "loss_weights", "distiller"})."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     kd_args.check_training(parser, args)
     corpus_files = kd_args.check_general_distillation(parser, args)
@@ -211,7 +216,7 @@ def main(argv=None):
     scheduler = make_scheduler(optimizer, args.lr_scheduler_type, total_steps, warmup_steps)
     accelerator.register_for_checkpointing(scheduler)
     init_trackers(accelerator, args.project_name, args.run_name, args.output_dir,
-                  {**vars(args), "total_steps": total_steps, "layer_map_pairs": str(distiller.layer_map)})
+                  {**vars(args), "total_steps": total_steps, "layer_map_pairs": str(distiller.layer_map)}, run_id)
     distill = make_compute_loss(teacher, distiller)  # teacher capture (no grad) + student forward + loss terms
     trace = DataTrace(os.path.join(args.output_dir, "data_trace"), rank) if args.trace_data else None
 

@@ -50,20 +50,25 @@ from kd.teacher_cache import teacher_logits
 logger = logging.getLogger("train_prediction")
 
 
-def parse_args(argv=None):
-    """The arguments, and the settings resolved from them: (args, {"distillation_loss_weight": w})."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.eval_batch_args(), kd_args.answer_args(),
                  kd_args.training_args(), kd_args.prediction_distillation_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="The student (or the model to fine-tune).")
+    return parser
+
+
+def parse_args(argv=None):
+    """The arguments, and the settings resolved from them: (args, {"distillation_loss_weight": w})."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     kd_args.check_training(parser, args)
     kd_args.check_squad_data(parser, args)
     kd_args.check_windows(parser, args)
     kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path,
-                                         "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
+                           "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
     weight = kd_args.check_prediction_distillation(parser, args)  # 0 without a teacher: gold spans only
     return args, {"distillation_loss_weight": weight}
 
@@ -121,7 +126,8 @@ def main(argv=None):
     scheduler = make_scheduler(optimizer, args.lr_scheduler_type, total_steps, warmup_steps)
     accelerator.register_for_checkpointing(scheduler)
     init_trackers(accelerator, args.project_name, args.run_name, args.output_dir,
-                  {**vars(args), **resolved, "total_steps": total_steps, "num_train_features": len(train_features)})
+                  {**vars(args), **resolved, "total_steps": total_steps, "num_train_features": len(train_features)},
+                  run_id)
 
     # ---------------------------------------------------------------- resume
     checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit, run_id=run_id)
@@ -191,8 +197,9 @@ def main(argv=None):
             if predictions is not None:
                 save_eval_outputs(args.output_dir, eval_metrics, predictions, null_odds)
     write_outcome(accelerator, args.output_dir, run_record(
-        vars(args), accelerator, run_id=run_id, **resolved, **teacher_info, state=state.to_json(), checkpoint=checkpoints.last,
-        total_steps=total_steps, train_metrics=train_log.summary(state.completed_steps), eval_metrics=eval_metrics),
+        vars(args), accelerator, run_id=run_id, **resolved, **teacher_info, state=state.to_json(),
+        checkpoint=checkpoints.last, total_steps=total_steps, train_metrics=train_log.summary(state.completed_steps),
+        eval_metrics=eval_metrics),
         preempted_by=preemption.describe() if sync.preempted else None)
     if eval_metrics:
         accelerator.print({k: round(v, 2) for k, v in eval_metrics.items() if isinstance(v, float)})

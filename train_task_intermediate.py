@@ -50,8 +50,7 @@ from kd.squad import load_squad_splits
 PROBE_ROWS = 2  # windows used to find the parameters the losses cannot reach
 
 
-def parse_args(argv=None):
-    """The arguments, and the settings resolved from them: (args, {"loss_weights", "distiller"})."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.eval_batch_args(),
@@ -59,12 +58,18 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True,
                         help="The student to start from (e.g. make_student.py's output or train_general.py's).")
+    return parser
+
+
+def parse_args(argv=None):
+    """The arguments, and the settings resolved from them: (args, {"loss_weights", "distiller"})."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     kd_args.check_training(parser, args)
     kd_args.check_squad_data(parser, args)
     kd_args.check_windows(parser, args)
     kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path,
-                                         "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
+                           "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
     weights = kd_args.check_intermediate_distillation(parser, args)
     try:  # from the configs alone: a bad layer map or loss setting fails before anything is loaded
         distiller = check_distillation_setup(args.model_name_or_path, args.teacher_name_or_path, args.layer_map,
@@ -127,7 +132,7 @@ def main(argv=None):
     accelerator.register_for_checkpointing(scheduler)
     init_trackers(accelerator, args.project_name, args.run_name, args.output_dir,
                   {**vars(args), "total_steps": total_steps, "num_train_features": num_features,
-                   "layer_map_pairs": str(distiller.layer_map)})
+                   "layer_map_pairs": str(distiller.layer_map)}, run_id)
     distill = make_compute_loss(teacher, distiller)  # teacher capture (no grad) + student forward + loss terms
 
     # ---------------------------------------------------------------- resume

@@ -57,13 +57,16 @@ def _wandb_offline_without_account() -> None:
 
 
 def init_trackers(accelerator: Accelerator, project_name: str, run_name: str | None, output_dir: str,
-                  config: dict) -> None:
-    """Start the trackers with the run's settings (scalars only: tracker configs take no lists or dicts)."""
+                  config: dict, run_id: str | None = None) -> None:
+    """Start the trackers with the run's settings (scalars only: tracker configs take no lists or dicts).
+    run_id (kd.run_dir): a resumed run, requeued as often as it may be, continues one W&B run."""
     if not accelerator.log_with:
         return
     config = {k: ("None" if v is None else v)  # tensorboard hparams reject None
               for k, v in config.items() if isinstance(v, (int, float, str, bool)) or v is None}
     init_kwargs = {"wandb": {"dir": output_dir, "name": run_name}}
+    if run_id is not None:
+        init_kwargs["wandb"].update(id=run_id, resume="allow")
     accelerator.init_trackers(project_name, config=config, init_kwargs=init_kwargs)
 
 

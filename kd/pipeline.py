@@ -1,0 +1,195 @@
+"""The whole recipe as one job: a recipe file resolved into the stages' exact command lines, and what has run.
+
+A recipe (``recipes/*.yaml``) holds, per stage (under ``stages``), the arguments of that stage's script and nothing else (the script
+stays the single source of truth for its flags), plus ``launch`` (the Accelerate config of a training stage) or,
+for the teacher, ``use`` (a fine-tuned model taken as it is). Values may name another stage's product:
+``${teacher}`` is the teacher's output dir (or the model it ``use``s), ``${augment}`` the augmented file;
+``${pkg:NAME/sub/dir}`` is a directory inside an installed Python package (the offline models and vectors).
+Each stage writes under ``OUTPUT/<stage>``; ``OUTPUT/pipeline.json`` records what ran, with which command line,
+when, and its headline metrics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+STAGES = ("teacher", "student_init", "general", "augment", "task_intermediate", "prediction", "evaluate", "report")
+SCRIPTS = {"teacher": "train_prediction.py", "student_init": "make_student.py", "general": "train_general.py",
+           "augment": "augment.py", "task_intermediate": "train_task_intermediate.py",
+           "prediction": "train_prediction.py", "evaluate": "evaluate.py", "report": "report.py"}
+TRAINING = {"teacher", "general", "task_intermediate", "prediction"}  # resumable, launched through launch.py
+RESERVED = {"output_dir", "output_file", "resume_from_checkpoint", "overwrite_output_dir"}  # set by the pipeline
+STAGE_KEYS = {"launch", "use"}
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a stage stopped on a preemption signal; rerun (requeue) to continue
+_REF = re.compile(r"\$\{([^}]+)\}")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class Stage:
+    name: str
+    args: dict
+    launch: str | None = None
+    use: str | None = None  # teacher only: a fine-tuned model taken as it is, nothing runs
+    refs: set = field(default_factory=set)  # the stages whose products the arguments name
+
+    @property
+    def script(self) -> str:
+        return SCRIPTS[self.name]
+
+
+def product(stage: str, output_dir: str, stages: dict[str, Stage]) -> str:
+    """What ``${stage}`` stands for: the augmented file, the teacher a recipe uses as is, or the output dir."""
+    if stage == "augment":
+        return os.path.join(output_dir, "augment", "train-aug.json")
+    if stage == "teacher" and stages.get("teacher") is not None and stages["teacher"].use:
+        return stages["teacher"].use
+    return os.path.join(output_dir, stage)
+
+
+def package_dir(spec: str) -> str:
+    """``NAME/sub/dir`` -> that directory inside the installed package NAME."""
+    name, _, sub = spec.partition("/")
+    found = importlib.util.find_spec(name)
+    if found is None or not found.submodule_search_locations:
+        raise RecipeError(f"${{pkg:{spec}}}: no installed package {name!r} (pip install it)")
+    return os.path.join(list(found.submodule_search_locations)[0], sub)
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> dict[str, Stage]:
+    """The recipe's stages in pipeline order, with ``--set STAGE.KEY=VALUE`` overrides applied (values parsed as
+    YAML). Raises RecipeError for an unknown stage, a reserved key, or a reference to a stage the recipe lacks."""
+    import yaml
+
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    unknown = set(recipe) - {"launch", "stages", "shared"}
+    if unknown:
+        raise RecipeError(f"{path}: unknown top-level key(s) {sorted(unknown)}; a recipe has 'launch', 'stages' and "
+                          "'shared' (YAML anchors for the stages to merge)")
+    raw = {name: dict(spec or {}) for name, spec in (recipe.get("stages") or {}).items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        stage, dot, flag = key.partition(".")
+        if not sep or not dot:
+            raise RecipeError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. prediction.temperature=2")
+        raw.setdefault(stage, {})[flag] = yaml.safe_load(value)
+    bad = [name for name in raw if name not in STAGES]
+    if bad:
+        raise RecipeError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+    stages = {}
+    for name in STAGES:
+        if name not in raw:
+            continue
+        spec = raw[name]
+        reserved = sorted(RESERVED & set(spec))
+        if reserved:
+            raise RecipeError(f"stage {name}: {reserved} are set by the pipeline (each stage writes under "
+                              "OUTPUT/<stage> and resumes from its own checkpoints)")
+        if "use" in spec and name != "teacher":
+            raise RecipeError(f"stage {name}: 'use' (take a model as it is) applies to the teacher only")
+        launch, use = spec.pop("launch", recipe.get("launch")), spec.pop("use", None)
+        refs = {m.split(".")[0] for v in _values(spec) for m in _REF.findall(str(v)) if not m.startswith("pkg:")}
+        stages[name] = Stage(name, spec, launch if name in TRAINING else None, use, refs)
+    for stage in stages.values():
+        missing = sorted(r for r in stage.refs if r not in stages)
+        if missing:
+            raise RecipeError(f"stage {stage.name} names ${{{missing[0]}}}, but the recipe has no {missing[0]} stage"
+                              + (" (a teacher to distil from: add a teacher stage, or 'use' a fine-tuned one)"
+                                 if missing[0] == "teacher" else ""))
+        late = sorted(r for r in stage.refs if STAGES.index(r) >= STAGES.index(stage.name))
+        if late:
+            raise RecipeError(f"stage {stage.name} names ${{{late[0]}}}, which comes after it")
+    return stages
+
+
+def _values(spec: dict):
+    for value in spec.values():
+        yield from (value if isinstance(value, list) else [value])
+
+
+def resolve(value, output_dir: str, stages: dict[str, Stage]) -> str:
+    def sub(m):
+        ref = m.group(1)
+        return package_dir(ref[4:]) if ref.startswith("pkg:") else product(ref, output_dir, stages)
+    return _REF.sub(sub, str(value))
+
+
+def command(stage: Stage, output_dir: str, stages: dict[str, Stage], repo: str) -> list[str]:
+    """The stage's exact command line (run from the repo root)."""
+    argv = []
+    for key, value in stage.args.items():
+        if value is False or value is None:
+            continue
+        argv.append(f"--{key}")
+        if value is True:
+            continue
+        argv.extend(resolve(v, output_dir, stages) for v in (value if isinstance(value, list) else [value]))
+    out = os.path.join(output_dir, stage.name)
+    if stage.name == "augment":
+        argv += ["--output_file", product("augment", output_dir, stages)]
+    else:
+        argv += ["--output_dir", out]
+    if stage.name in TRAINING:
+        argv += ["--resume_from_checkpoint", "latest"]
+        launch = ["accelerate", "launch", "--config_file", os.path.join(repo, stage.launch or
+                                                                       "accelerate_configs/cpu.yaml")]
+        return [sys.executable, os.path.join(repo, "launch.py"), *launch, os.path.join(repo, stage.script), *argv]
+    return [sys.executable, os.path.join(repo, stage.script), *argv]
+
+
+def shell_line(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def finished_marker(stage: str, output_dir: str) -> str:
+    """The file a stage's script writes last, whole, when it finished."""
+    out = os.path.join(output_dir, stage)
+    return {"augment": os.path.join(out, "train-aug.json"), "student_init": os.path.join(out, "student_origin.json"),
+            "evaluate": os.path.join(out, "eval_results.json"), "report": os.path.join(out, "report.json")
+            }.get(stage, os.path.join(out, "all_results.json"))
+
+
+def changed_flags(old: list[str], new: list[str]) -> list[str]:
+    """The flags whose values differ between two command lines (for the "settings changed" message)."""
+    def flags(argv):
+        out, key = {}, None
+        for a in argv:
+            if a.startswith("--"):
+                key = a
+                out[key] = []
+            elif key is not None:
+                out[key].append(a)
+        return out
+    a, b = flags(old), flags(new)
+    return [f"{k}: {' '.join(a.get(k, ['(absent)']))} -> {' '.join(b.get(k, ['(absent)']))}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def headline(stage: str, output_dir: str) -> dict:
+    """A few numbers worth seeing in pipeline.json: EM/F1, final training loss, held-out loss, counts."""
+    import json
+
+    try:
+        with open(finished_marker(stage, output_dir)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if stage == "augment":
+        return {"paragraphs": sum(len(a["paragraphs"]) for a in data["data"])}
+    if stage == "report":
+        return {r["model"]: {"f1": round(r["f1"], 2), "speedup": round(r["speedup"], 2)} for r in data["rows"]}
+    if stage == "evaluate":
+        return {k: round(data[k], 2) for k in ("exact", "f1") if k in data}
+    metrics = {k: round(v, 4) for k, v in (data.get("eval_metrics") or {}).items()
+               if k in ("exact", "f1", "loss") and isinstance(v, float)}
+    metrics.update({k: round(v, 1) for k, v in (data.get("train_metrics") or {}).items() if k == "train_runtime_s"})
+    return metrics

@@ -1,0 +1,145 @@
+"""pipeline.py end to end on a tiny recipe: every stage chained, skipped when done, resumed after a signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+import pipeline
+from kd.pipeline import PREEMPTED_EXIT, RecipeError, load_recipe
+from tests.conftest import FIXTURES_DIR, fixture_texts
+from tests.helpers import REPO_ROOT, read_json, script_env
+
+pytestmark = pytest.mark.slow
+WINDOW = {"max_seq_length": 128, "doc_stride": 48, "max_query_length": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny_glove(tmp_path_factory):
+    """Random 8-d vectors for every fixture word: GloVe-only augmentation has neighbours to pick."""
+    import numpy as np
+
+    words = sorted({w.lower() for t in fixture_texts() for w in t.replace(".", " ").split() if w.isalpha()})
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("glove") / "glove.txt"
+    path.write_text("".join(f"{w} {' '.join(f'{x:.4f}' for x in rng.normal(size=8))}\n" for w in words))
+    return path
+
+
+def _recipe(tmp_path, teacher_base, glove, name="recipe", **changes) -> str:
+    squad = str(FIXTURES_DIR / "squad_v2_dev_slice.json")
+    train = dict(per_device_train_batch_size=8, learning_rate=1e-3, seed=3, keep_checkpoints="none", **WINDOW)
+    stages = {
+        "teacher": dict(model_name_or_path=str(teacher_base), train_file=squad, max_train_steps=4, **train),
+        "student_init": dict(teacher_name_or_path="${teacher}", layers="2"),
+        "general": dict(teacher_name_or_path="${teacher}", model_name_or_path="${student_init}",
+                        train_file=str(FIXTURES_DIR / "wiki_leads_sample.txt"), max_seq_length=64, max_train_steps=3,
+                        per_device_train_batch_size=4, learning_rate=1e-3, seed=3, keep_checkpoints="none"),
+        "augment": dict(train_file=squad, glove_only=True, glove_path=str(glove), multiplication_factor=1,
+                        word_possibilities=3, seed=3),
+        "task_intermediate": dict(model_name_or_path="${general}", teacher_name_or_path="${teacher}",
+                                  train_file="${augment}", max_train_steps=4, **train),
+        "prediction": dict(model_name_or_path="${task_intermediate}", teacher_name_or_path="${teacher}",
+                           train_file=squad, validation_file=squad, temperature=2, max_train_steps=6,
+                           checkpointing_steps=1, **{**train, "keep_checkpoints": "last"}),
+        "evaluate": dict(model_name_or_path="${prediction}", validation_file=squad, **WINDOW),
+        "report": dict(models=["teacher=${teacher}", "student=${prediction}"], validation_file=squad,
+                       warmup_batches=1, timing_batches=2, **WINDOW),
+    }
+    for key, value in changes.items():
+        stage, flag = key.split("__")
+        stages[stage][flag] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"launch": "accelerate_configs/cpu.yaml", "stages": stages}, sort_keys=False))
+    return str(path)
+
+
+def _run(*argv, check=True):
+    env = {**script_env(), "KD_CACHE": str(argv[argv.index("--output_dir") + 1]) + "_cache"}
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline.py"), *map(str, argv)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_pipeline_runs_every_stage_chained_then_skips_and_resumes(tiny_bert_qa_dir, tiny_glove, tmp_path):
+    recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove)
+    out = tmp_path / "run"
+
+    # dry run: the commands, nothing run or written
+    dry = _run("--recipe", recipe, "--output_dir", out, "--dry_run")
+    assert not out.exists() and dry.stdout.count("\n# ") + dry.stdout.startswith("# ") == 8
+
+    _run("--recipe", recipe, "--output_dir", out)
+    record = read_json(out / "pipeline.json")["stages"]
+    assert list(record) == list(pipeline.STAGES) and all(s["status"] == "finished" for s in record.values())
+    # outputs chained: each stage read what the one before wrote
+    assert read_json(out / "student_init" / "student_origin.json")["teacher"] == str(out / "teacher")
+    assert read_json(out / "task_intermediate" / "run_config.json")["args"]["train_file"] == str(
+        out / "augment" / "train-aug.json")
+    assert read_json(out / "prediction" / "run_config.json")["args"]["model_name_or_path"] == str(
+        out / "task_intermediate")
+    assert [r["model"] for r in read_json(out / "report" / "report.json")["rows"]] == ["teacher", "student"]
+    assert record["evaluate"]["metrics"]["f1"] == pytest.approx(read_json(out / "evaluate" / "eval_results.json")["f1"],
+                                                                abs=0.01)
+    # commands.sh holds exactly what ran
+    lines = [line for line in (out / "commands.sh").read_text().splitlines() if line.startswith(sys.executable)]
+    assert lines == [" ".join(s["command"]) for s in record.values()]
+    assert lines == [line for line in dry.stdout.splitlines() if line.startswith(sys.executable)]
+
+    # a second run skips everything
+    again = _run("--recipe", recipe, "--output_dir", out)
+    assert again.stdout.count("finished before: skipped") == 8
+    assert read_json(out / "pipeline.json")["stages"] == record
+
+    # a changed setting of a finished stage: a clear error naming it, nothing run
+    changed = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, "changed", prediction__temperature=4)
+    proc = _run("--recipe", changed, "--output_dir", out, check=False)
+    assert proc.returncode == 2 and "stage prediction ran with other settings (--temperature: 2 -> 4)" in proc.stderr
+    assert "--rerun prediction" in proc.stderr
+
+    # SIGTERM in the middle of the prediction stage, then the same command: the final student of an uninterrupted run
+    interrupted = tmp_path / "interrupted"
+    env = {**script_env(), "KD_CACHE": str(interrupted) + "_cache"}
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "pipeline.py"), "--recipe", recipe, "--output_dir",
+                             str(interrupted)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    checkpoints, deadline = interrupted / "prediction" / "checkpoints", time.time() + 600
+    while not (checkpoints.is_dir() and any(n.startswith("step_") and not n.endswith(".partial")
+                                            for n in os.listdir(checkpoints))):
+        assert proc.poll() is None and time.time() < deadline, "the prediction stage ended before the signal"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert read_json(interrupted / "pipeline.json")["stages"]["prediction"]["status"] == "preempted"
+    _run("--recipe", recipe, "--output_dir", interrupted)
+    a = load_file(interrupted / "prediction" / "model.safetensors")
+    b = load_file(out / "prediction" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+
+
+def test_recipe_errors_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_path):
+    recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, prediction__no_such_flag=1, teacher__max_seq_length=600)
+    proc = _run("--recipe", recipe, "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "stage prediction: train_prediction.py has no --no_such_flag" in proc.stderr
+    assert "stage teacher: " in proc.stderr and "exceeds the 512 positions" in proc.stderr
+    assert not (tmp_path / "out" / "teacher").exists()
+
+    data = yaml.safe_load(open(recipe))
+    del data["stages"]["teacher"]
+    (tmp_path / "no_teacher.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match=r"names \$\{teacher\}, but the recipe has no teacher stage"):
+        load_recipe(str(tmp_path / "no_teacher.yaml"))
+    with pytest.raises(RecipeError, match="unknown stage"):
+        load_recipe(recipe, ["distill.temperature=2"])
+    with pytest.raises(RecipeError, match="set by the pipeline"):
+        load_recipe(recipe, ["prediction.output_dir=x"])
