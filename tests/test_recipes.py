@@ -1,0 +1,42 @@
+"""The committed recipes: every stage's every key is a flag of that stage's script, and they resolve."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+import pipeline
+from kd.pipeline import command, load_recipe
+from tests.helpers import REPO_ROOT
+
+RECIPES = sorted(glob.glob(str(REPO_ROOT / "recipes" / "*.yaml")))
+
+
+def test_there_are_the_three_recipes():
+    assert [os.path.basename(r) for r in RECIPES] == ["minilm-offline.yaml", "tinybert6-squad2.yaml",
+                                                      "tinyroberta-squad2.yaml"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
+def test_recipe_keys_are_script_flags_and_refs_resolve(recipe, tmp_path):
+    stages = load_recipe(recipe)
+    modules = {}
+    for name, stage in stages.items():
+        if stage.use:
+            continue
+        module = modules.setdefault(stage.script, pipeline.script_module(stage.script))
+        flags = module.build_parser()._option_string_actions
+        assert [k for k in stage.args if f"--{k}" not in flags] == [], name
+        cmd = command(stage, str(tmp_path), stages, str(REPO_ROOT))
+        assert "${" not in " ".join(cmd)  # every reference resolved
+        if stage.launch:
+            assert os.path.isfile(REPO_ROOT / stage.launch), stage.launch
+
+
+def test_offline_recipe_chains_every_stage():
+    stages = load_recipe(str(REPO_ROOT / "recipes" / "minilm-offline.yaml"))
+    assert list(stages) == list(pipeline.STAGES)
+    assert stages["prediction"].refs == {"task_intermediate", "teacher"}
+    assert stages["task_intermediate"].refs == {"general", "teacher", "augment"}
