@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LAUNCH="accelerate launch --config_file accelerate_configs/cpu.yaml"
 COMMON="--train_file data/squad_demo_train.json --validation_file data/squad_demo_dev.json
         --max_seq_length 192 --doc_stride 64 --per_device_train_batch_size 16 --per_device_eval_batch_size 64
-        --teacher_cache_dir $OUT/teacher_cache --logging_steps 10 --seed 42"
+        --teacher_cache_dir $OUT/teacher_cache --logging_steps 10 --seed 42 --overwrite_output_dir"
 
 $LAUNCH train_prediction.py $COMMON --model_name_or_path "$MINILM" --num_train_epochs 2 --learning_rate 1.5e-4 \
     --output_dir "$OUT/teacher"

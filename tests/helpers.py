@@ -32,18 +32,19 @@ def script_env() -> dict:
 
 
 def launch(script: str, args: list, processes: int = 1, check: bool = True, timeout: int = 600,
-           deepspeed: bool = False):
+           deepspeed: bool | str = False):
     """Run a script from the repo root as users do; returns the CompletedProcess.
 
     One process: ``accelerate launch --config_file accelerate_configs/cpu.yaml``. Several: ``torchrun`` with
     ACCELERATE_USE_CPU=1, which Accelerate turns into DDP over gloo (``accelerate launch`` itself only starts
-    several CPU processes through mpirun). deepspeed: ``accelerate launch`` with the repo's ZeRO-2 config, on CPU
-    (DS_ACCELERATOR=cpu, fp32).
+    several CPU processes through mpirun). deepspeed: ``accelerate launch`` with the repo's ZeRO-2 config (or the
+    accelerate_configs/ file named), on CPU (DS_ACCELERATOR=cpu, fp32).
     """
     env = script_env()
     if deepspeed:
         env["DS_ACCELERATOR"] = "cpu"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DEEPSPEED_CONFIG),
+        config = DEEPSPEED_CONFIG if deepspeed is True else REPO_ROOT / "accelerate_configs" / deepspeed
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port())]
     elif processes == 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]

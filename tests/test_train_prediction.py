@@ -181,6 +181,34 @@ def test_deepspeed_zero2_matches_ddp_and_resumes(student_dir, tiny_bert_qa_dir, 
     AutoModelForQuestionAnswering.from_pretrained(zero)  # the exported student is a plain model
 
 
+@pytest.mark.slow
+def test_deepspeed_zero3_matches_ddp_resumes_and_exports_the_whole_student(student_dir, tiny_bert_qa_dir,
+                                                                            squad_fixture_path, tmp_path):
+    """The repo's ZeRO-3 config on 2 CPU processes: parameters sharded, same losses as DDP, exact resume, and the
+    exported student whole (gathered from the shards), equal to the resumed run's."""
+    cache = tmp_path / "cache"
+    common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "5e-5",
+              "--per_device_train_batch_size", "4", "--checkpoints_total_limit", "0"]
+    ddp, zero = tmp_path / "ddp", tmp_path / "zero3"
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, ddp, cache, *common),
+           processes=2)
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, zero, cache, *common),
+           processes=2, deepspeed="deepspeed_zero3.yaml")
+    loss_ddp = [r["train/loss"] for r in read_jsonl(ddp / "train_log.jsonl") if "train/loss" in r]
+    loss_zero = [r["train/loss"] for r in read_jsonl(zero / "train_log.jsonl") if "train/loss" in r]
+    assert len(loss_zero) == 6 and np.allclose(loss_ddp, loss_zero, atol=1e-4), (loss_ddp, loss_zero)
+    resumed = tmp_path / "zero3_resumed"
+    launch("train_prediction.py", _args(student_dir, tiny_bert_qa_dir, squad_fixture_path, resumed, cache, *common,
+                                        "--resume_from_checkpoint", zero / "checkpoints" / "step_00000003"),
+           processes=2, deepspeed="deepspeed_zero3.yaml")
+    a, b, d = _weights(zero), _weights(resumed), _weights(ddp)
+    reference = AutoModelForQuestionAnswering.from_pretrained(student_dir).state_dict()
+    exported = AutoModelForQuestionAnswering.from_pretrained(zero).state_dict()
+    assert a.keys() == d.keys() and all(exported[k].shape == reference[k].shape for k in reference)  # not shards
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max((a[k] - d[k]).abs().max().item() for k in a) <= 1e-4
+
+
 def test_teacher_logits_computed_across_two_processes_match_one(student_dir, tiny_bert_qa_dir, squad_fixture_path,
                                                                 tmp_path):
     caches = []
