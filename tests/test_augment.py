@@ -502,6 +502,7 @@ def test_clear_errors_before_any_work(case, expected, tiny_bert_mlm_dir, glove_f
         _run(train, mlm, glove, out)
     message = str(exit_info.value.code) + capsys.readouterr().err
     assert re.search(expected, message), message
+    assert "--skip_invalid" not in message  # augment.py has no such flag: it must not point at one
     assert not (tmp_path / "out").exists()
 
 

@@ -235,6 +235,11 @@ def _launcher_cmd(kind: str, args: list) -> tuple[list[str], dict]:
         env["ACCELERATE_USE_CPU"] = "1"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port())]
+    elif kind == "accelerate_2":  # accelerate launch starts 2 CPU processes through torch's agent with DeepSpeed
+        env["DS_ACCELERATOR"] = "cpu"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO_ROOT / "accelerate_configs" / "deepspeed_zero2.yaml"), "--num_processes", "2",
+               "--mixed_precision", "no", "--main_process_port", str(free_port())]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
     return [sys.executable, str(REPO_ROOT / "launch.py"), *cmd, str(REPO_ROOT / "train_prediction.py"),
@@ -247,6 +252,8 @@ def _launcher_cmd(kind: str, args: list) -> tuple[list[str], dict]:
     ("torchrun", "group", signal.SIGTERM),      # plain torchrun's workers are in other sessions: never reached
     ("torchrun", "worker", signal.SIGUSR1),     # one rank signalled: all save the same step
     ("accelerate", "launcher", signal.SIGTERM),  # plain accelerate launch dies and orphans the script
+    ("accelerate_2", "launcher", signal.SIGUSR1),  # 2 processes: accelerate runs torch's agent in-process
+    ("accelerate_2", "group", signal.SIGTERM),
     ("accelerate", "wrapper", signal.SIGUSR1),
 ])
 def test_preemption_signal_anywhere_saves_once_and_exits_0(student_dir, squad_fixture_path, tmp_path, kind, target,
@@ -263,7 +270,7 @@ def test_preemption_signal_anywhere_saves_once_and_exits_0(student_dir, squad_fi
         time.sleep(0.1)
     launcher = wrapper.children()[0]
     workers = launcher.children()
-    assert len(workers) == (2 if kind == "torchrun" else 1)
+    assert len(workers) == (1 if kind == "accelerate" else 2)
     everyone = [wrapper, launcher, *workers]
     if target == "wrapper":
         wrapper.send_signal(sig)

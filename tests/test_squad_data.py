@@ -503,3 +503,19 @@ def test_postprocess_end_to_end_recovers_gold_answers(tiny_roberta_tokenizer, sq
     for record in checked:
         gold = record["answers"]["text"]
         assert predictions[record["id"]].strip() == (gold[0] if gold else "")
+
+
+def test_empty_and_json_lines_files_get_a_format_hint(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    with pytest.raises(SquadFormatError, match=r"empty\.json: not valid JSON .*the file is empty; expected one SQuAD"):
+        read_squad_json(empty)
+    lines = tmp_path / "train.jsonl"
+    lines.write_text('{"title": "a", "paragraphs": []}\n{"title": "b", "paragraphs": []}\n')
+    with pytest.raises(SquadFormatError, match=r"looks like JSON Lines \(one JSON object per line\)"):
+        read_squad_json(lines)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"data": [')
+    with pytest.raises(SquadFormatError) as info:
+        read_squad_json(broken)
+    assert str(info.value).endswith("broken.json: not valid JSON (Expecting value: line 1 column 11 (char 10)).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -273,6 +274,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(student_dir, squad
     (["--temperature", "-2"], "--temperature must be > 0"),
     (["--distillation_loss_weight", "1.2"], "--distillation_loss_weight must be in [0, 1]"),
     (["--distillation_loss_weight", "-0.5"], "--distillation_loss_weight must be in [0, 1]"),
+    (["--temperature", "inf"], "--temperature must be > 0 and finite, got inf"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
+    (["--max_seq_length", "600"], "--max_seq_length 600 exceeds the 512 positions of --model_name_or_path"),
+    (["--teacher_name_or_path", "/no/such/teacher"],
+     "--teacher_name_or_path /no/such/teacher: no such directory, and no model config could be loaded"),
 ])
 def test_invalid_distillation_arguments(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path, capsys, extra,
                                         message):
@@ -306,3 +312,15 @@ def test_malformed_squad_is_a_clear_error(student_dir, tmp_path):
     assert proc.returncode != 0
     for part in ("bad.json", "Broken_Article", "q-bad-1", "--skip_invalid"):
         assert part in proc.stderr
+
+
+def test_training_set_without_answerable_question_warns(student_dir, squad_fixture_path, tmp_path):
+    data = read_json(squad_fixture_path)
+    for article in data["data"]:
+        for paragraph in article["paragraphs"]:
+            paragraph["qas"] = [qa for qa in paragraph["qas"] if not qa["answers"]]
+    unanswerable = tmp_path / "unanswerable.json"
+    unanswerable.write_text(json.dumps(data))
+    proc = launch("train_prediction.py", _args(student_dir, None, unanswerable, tmp_path / "o", tmp_path / "c",
+                                               "--max_train_steps", "1"))
+    assert "has no answerable question: the span loss only teaches the no-answer position" in proc.stderr
