@@ -53,6 +53,9 @@ def parse_args(argv=None):
                         help="Override one recipe setting (repeatable); the value is read as YAML.")
     parser.add_argument("--rerun", default=None, metavar="STAGE", help="Redo this stage and every stage after it.")
     parser.add_argument("--dry_run", action="store_true", help="Print the commands, run nothing.")
+    parser.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                        help="local: training stages on this machine (launch.py accelerate launch); slurm: on every "
+                             "node of the SLURM allocation, one accelerate launch per node (slurm/node_launch.sh).")
     return parser.parse_args(argv)
 
 
@@ -147,7 +150,8 @@ def main(argv=None) -> int:
         if unknown or (args.rerun and args.rerun not in stages):
             raise RecipeError(f"--stages/--rerun name(s) {unknown or [args.rerun]} not in the recipe "
                               f"({', '.join(stages)})")
-        commands = {name: command(stage, out, stages, REPO) for name, stage in stages.items() if not stage.use}
+        commands = {name: command(stage, out, stages, REPO, args.launcher)
+                    for name, stage in stages.items() if not stage.use}
     except RecipeError as e:
         print(f"pipeline.py: error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """The whole recipe as one job: a recipe file resolved into the stages' exact command lines, and what has run.
 
-A recipe (``recipes/*.yaml``) holds, per stage (under ``stages``), the arguments of that stage's script and nothing else (the script
-stays the single source of truth for its flags), plus ``launch`` (the Accelerate config of a training stage) or,
-for the teacher, ``use`` (a fine-tuned model taken as it is). Values may name another stage's product:
+A recipe (``recipes/*.yaml``) holds, per stage (under ``stages``), the arguments of that stage's script and nothing
+else (the script stays the single source of truth for its flags), plus ``launch`` (the Accelerate config of a
+training stage) or, for the teacher, ``use`` (a fine-tuned model taken as it is). Values may name another stage's
+product:
 ``${teacher}`` is the teacher's output dir (or the model it ``use``s), ``${augment}`` the augmented file;
 ``${pkg:NAME/sub/dir}`` is a directory inside an installed Python package (the offline models and vectors).
 Each stage writes under ``OUTPUT/<stage>``; ``OUTPUT/pipeline.json`` records what ran, with which command line,
@@ -123,8 +124,10 @@ def resolve(value, output_dir: str, stages: dict[str, Stage]) -> str:
     return _REF.sub(sub, str(value))
 
 
-def command(stage: Stage, output_dir: str, stages: dict[str, Stage], repo: str) -> list[str]:
-    """The stage's exact command line (run from the repo root)."""
+def command(stage: Stage, output_dir: str, stages: dict[str, Stage], repo: str, launcher: str = "local") -> list[str]:
+    """The stage's exact command line (run from the repo root). launcher ``local``: a training stage runs through
+    ``launch.py accelerate launch`` on this machine; ``slurm``: through ``srun`` on every node of the allocation,
+    one ``accelerate launch`` per node (slurm/node_launch.sh)."""
     argv = []
     for key, value in stage.args.items():
         if value is False or value is None:
@@ -140,8 +143,11 @@ def command(stage: Stage, output_dir: str, stages: dict[str, Stage], repo: str) 
         argv += ["--output_dir", out]
     if stage.name in TRAINING:
         argv += ["--resume_from_checkpoint", "latest"]
-        launch = ["accelerate", "launch", "--config_file", os.path.join(repo, stage.launch or
-                                                                       "accelerate_configs/cpu.yaml")]
+        config = os.path.join(repo, stage.launch or "accelerate_configs/cpu.yaml")
+        if launcher == "slurm":
+            return ["srun", "--kill-on-bad-exit=1", "bash",  # tasks as allocated: one per node
+                    os.path.join(repo, "slurm", "node_launch.sh"), config, os.path.join(repo, stage.script), *argv]
+        launch = ["accelerate", "launch", "--config_file", config]
         return [sys.executable, os.path.join(repo, "launch.py"), *launch, os.path.join(repo, stage.script), *argv]
     return [sys.executable, os.path.join(repo, stage.script), *argv]
 

@@ -87,5 +87,38 @@ def test_sbatch_job_preempted_requeues_itself_and_finishes_like_an_uninterrupted
     assert "requeueing job" in text and "Preempted by SIGUSR1" in (out / "prediction" / "stage.log").read_text()
     stages = read_json(out / "pipeline.json")["stages"]
     assert all(s["status"] == "finished" for s in stages.values())
-    a, b = load_file(out / "prediction" / "model.safetensors"), load_file(reference / "prediction" / "model.safetensors")
+    a = load_file(out / "prediction" / "model.safetensors")
+    b = load_file(reference / "prediction" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+
+
+def test_two_node_launch_on_one_host_rendezvous(cluster, tiny_bert_qa_dir, tmp_path):
+    """slurm/pipeline_multinode.sbatch with two tasks standing in for two nodes: each task starts its own
+    `accelerate launch` (machine rank = task rank, main process = first host), one CPU process each, which meet
+    in one 2-process DeepSpeed run (gloo)."""
+    config = tmp_path / "two_machines.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n"
+                      "  zero_stage: 2\n  zero3_init_flag: false\nnum_processes: 2\nnum_machines: 2\n"
+                      "mixed_precision: 'no'\n")
+    recipe = yaml.safe_load(open(_recipe(tmp_path, tiny_bert_qa_dir)))
+    recipe["launch"] = str(config)
+    recipe["stages"]["prediction"].update(max_train_steps=4, checkpointing_steps=2)
+    (tmp_path / "recipe2.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**script_env(), "PYTHON": sys.executable, "KD_REPO": str(REPO_ROOT), "KD_CACHE": str(tmp_path / "cache"),
+           "DS_ACCELERATOR": "cpu", "KD_PROCS_PER_NODE": "1"}
+    out, log = tmp_path / "two_nodes", tmp_path / "job2.out"
+    job_id = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
+                             f"--output={log}", str(REPO_ROOT / "slurm" / "pipeline_multinode.sbatch"),
+                             str(tmp_path / "recipe2.yaml"), str(out)], cwd=REPO_ROOT, env=env, check=True,
+                            capture_output=True, text=True).stdout.strip().split(";")[0]
+    t0 = time.time()
+    while _job(job_id).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        assert time.time() - t0 < 600, "the two-node job did not finish"
+        time.sleep(0.5)
+    stage_log = (out / "prediction" / "stage.log").read_text() if (out / "prediction" / "stage.log").exists() else ""
+    assert _job(job_id)["JobState"] == "COMPLETED", log.read_text()[-2000:] + stage_log[-4000:]
+    record = read_json(out / "pipeline.json")["stages"]["prediction"]
+    assert record["status"] == "finished" and record["command"][0] == "srun"
+    results = read_json(out / "prediction" / "all_results.json")
+    assert results["num_processes"] == 2 and results["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert results["state"]["completed_steps"] == 4
