@@ -235,7 +235,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- train
     with PreemptionFlag() as preemption:
         model.train()
-        for batch in train_batches(accelerator, train_dataloader, state, stateful=args.streaming):
+        for batch in train_batches(accelerator, train_dataloader, state, total_steps, stateful=args.streaming):
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}  # a stream's are on CPU
             if trace is not None:
                 trace.write(batch)

@@ -154,7 +154,7 @@ def main(argv=None):
     eval_metrics, predictions, null_odds = {}, None, None
     with PreemptionFlag() as preemption:
         model.train()
-        for batch in train_batches(accelerator, train_dataloader, state):
+        for batch in train_batches(accelerator, train_dataloader, state, total_steps):
             with accelerator.accumulate(model):
                 outputs = model(**{k: batch[k] for k in model_inputs})
                 terms = prediction_distillation_loss(  # {"loss", "loss_ce", and "loss_kd" with a teacher}

@@ -150,7 +150,7 @@ def main(argv=None):
     eval_metrics = {}
     with PreemptionFlag() as preemption:
         model.train()
-        for batch in train_batches(accelerator, train_dataloader, state):
+        for batch in train_batches(accelerator, train_dataloader, state, total_steps):
             with accelerator.accumulate(model):
                 terms = distill(model, batch)  # {"loss", "loss_att", "loss_hidden", "loss_emb"} or {"loss", "loss_rel"}
                 accelerator.backward(terms["loss"])

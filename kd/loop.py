@@ -3,7 +3,7 @@
 A stage's loop, as train_prediction.py, train_task_intermediate.py and train_general.py write it::
 
     with PreemptionFlag() as preemption:
-        for batch in train_batches(accelerator, train_dataloader, state):      # resumes mid-epoch
+        for batch in train_batches(accelerator, train_dataloader, state, total_steps):  # resumes mid-epoch
             with accelerator.accumulate(model):
                 terms = <the stage's losses>                                    # {"loss": ..., "loss_kd": ...}
                 accelerator.backward(terms["loss"])
@@ -140,9 +140,10 @@ def every(interval: int | None, step: int) -> bool:
     return bool(interval) and step % interval == 0
 
 
-def train_batches(accelerator: Accelerator, dataloader, state: TrainState,
+def train_batches(accelerator: Accelerator, dataloader, state: TrainState, total_steps: int,
                   stateful: bool = False) -> Iterator[dict]:
-    """The batches still to come, epoch after epoch, from where ``state`` stands; never ends by itself.
+    """The batches still to come, epoch after epoch, from where ``state`` stands, until ``total_steps`` optimizer
+    steps are done (none at all for a run resumed at its end; the caller stops at the last step).
 
     A map-style loader is resumed by skipping the batches of the epoch already consumed
     (``state.batches_in_epoch``), and each pass tells the loader its epoch (Accelerate's loader would otherwise
@@ -151,7 +152,7 @@ def train_batches(accelerator: Accelerator, dataloader, state: TrainState,
     skipped. A loader without a length is read again when it runs out. The caller advances ``state``
     (``state.advance``) and stops at its total steps.
     """
-    while True:
+    while state.completed_steps < total_steps:
         skip = state.batches_in_epoch if not stateful else 0
         loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         if hasattr(loader, "set_epoch"):

@@ -290,3 +290,17 @@ def test_preemption_signal_anywhere_saves_once_and_exits_0(student_dir, squad_fi
     assert record["status"] == "preempted" and os.path.isfile(os.path.join(record["checkpoint"], STATE_FILE))
     assert len(os.listdir(out / "checkpoints")) == 1  # one checkpoint, saved by every rank at the same step
     assert not (out / "all_results.json").exists()
+
+
+def test_resuming_a_finished_run_trains_no_extra_step(student_dir, squad_fixture_path, tmp_path):
+    """A requeued job that finished just before its requeue reruns the same command: nothing more is trained."""
+    out = tmp_path / "done"
+    common = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest"]
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, out, *common))
+    before = _weights(out)
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, out, *common))
+    results = read_json(out / "all_results.json")
+    assert results["state"]["completed_steps"] == 4 and results["train_metrics"]["completed_steps"] == 4
+    after = _weights(out)
+    assert all((before[k] - after[k]).abs().max() == 0 for k in before)
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl") if "train/loss" in r] == [1, 2, 3, 4]
