@@ -47,7 +47,7 @@ def _recipe(tmp_path, teacher_base, glove, name="recipe", **changes) -> str:
         "task_intermediate": dict(model_name_or_path="${general}", teacher_name_or_path="${teacher}",
                                   train_file="${augment}", max_train_steps=4, **train),
         "prediction": dict(model_name_or_path="${task_intermediate}", teacher_name_or_path="${teacher}",
-                           train_file=squad, validation_file=squad, temperature=2, max_train_steps=6,
+                           train_file=squad, validation_file=squad, temperature=2, max_train_steps=40,
                            checkpointing_steps=1, **{**train, "keep_checkpoints": "last"}),
         "evaluate": dict(model_name_or_path="${prediction}", validation_file=squad, **WINDOW),
         "report": dict(models=["teacher=${teacher}", "student=${prediction}"], validation_file=squad,

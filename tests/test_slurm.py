@@ -34,7 +34,7 @@ def _recipe(tmp_path, teacher) -> str:
         "teacher": {"use": str(teacher)},
         "student_init": {"teacher_name_or_path": "${teacher}", "layers": "2"},
         "prediction": {"model_name_or_path": "${student_init}", "teacher_name_or_path": "${teacher}",
-                       "train_file": squad, "max_train_steps": 40, "checkpointing_steps": 1,
+                       "train_file": squad, "max_train_steps": 80, "checkpointing_steps": 1,
                        "checkpoints_total_limit": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
                        "temperature": 2, "seed": 4, **window},
     }
