@@ -67,7 +67,13 @@ def script_module(name: str):
     return module
 
 
-def validate(stages, commands, output_dir, finished) -> list[str]:
+def unknown_flags(stage, module) -> list[str]:
+    """The recipe keys of ``stage`` that its script (``module``) has no flag for."""
+    flags = module.build_parser()._option_string_actions
+    return [key for key in stage.args if f"--{key}" not in flags]
+
+
+def validate(stages, commands, finished) -> list[str]:
     """Every problem found without running a stage: unknown flags; for stages whose inputs exist now, their
     script's own argument checks and whether student and teacher tokenize alike."""
     problems, modules = [], {}
@@ -75,8 +81,7 @@ def validate(stages, commands, output_dir, finished) -> list[str]:
         if stage.use:
             continue
         module = modules.setdefault(stage.script, script_module(stage.script))
-        flags = module.build_parser()._option_string_actions
-        problems += [f"stage {name}: {stage.script} has no --{key}" for key in stage.args if f"--{key}" not in flags]
+        problems += [f"stage {name}: {stage.script} has no --{key}" for key in unknown_flags(stage, module)]
         if not stage.refs <= finished or not hasattr(module, "parse_args"):
             continue  # its inputs come from stages that have not run yet: its script checks them when it starts
         argv = commands[name][commands[name].index(os.path.join(REPO, stage.script)) + 1:]
@@ -178,7 +183,7 @@ def main(argv=None) -> int:
     missing = sorted({r for n in selected for r in stages[n].refs} - finished - set(selected))
     if missing:
         problems.append(f"the selected stages need {missing}, which have not finished; run them first")
-    problems += validate({n: stages[n] for n in selected}, commands, out, finished)
+    problems += validate({n: stages[n] for n in selected}, commands, finished)
     if problems:
         print("pipeline.py: error: the recipe cannot run as it is:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 2
