@@ -13,6 +13,7 @@ import os
 
 from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
 
+from kd.qa_settings import ANSWER_KEYS, WINDOW_KEYS, load_qa_settings, save_qa_settings
 from kd.student import parse_layer_selection, student_from_teacher_layers
 
 
@@ -41,6 +42,10 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     student.save_pretrained(args.output_dir)
     AutoTokenizer.from_pretrained(args.teacher_name_or_path).save_pretrained(args.output_dir)
+    # the teacher's windows suit the student (same tokenizer, same positions); its no-answer threshold does not
+    windows = {k: v for k, v in load_qa_settings(args.teacher_name_or_path).items() if k in WINDOW_KEYS + ANSWER_KEYS}
+    if windows:
+        save_qa_settings(args.output_dir, windows)
     with open(os.path.join(args.output_dir, "student_origin.json"), "w") as f:
         json.dump({"teacher": args.teacher_name_or_path, "teacher_layers_kept": layers}, f, indent=2)
     print(f"student with teacher blocks {layers} of {config.num_hidden_layers} saved to {args.output_dir} "

@@ -42,6 +42,7 @@ from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, l
 from kd.losses import prediction_distillation_loss
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
+from kd.qa_settings import save_qa_settings, settings_from_args
 from kd.records import run_record, write_outcome, write_record
 from kd.runtime import init_trackers, setup_accelerator, start_run
 from kd.squad import load_squad_splits
@@ -194,6 +195,8 @@ def main(argv=None):
             accelerator.unwrap_model(model).save_pretrained(args.output_dir, state_dict=state_dict,
                                                             safe_serialization=True)
             tokenizer.save_pretrained(args.output_dir)
+            # the windows it learnt on and its best no-answer threshold travel with it (predict.py, evaluate.py)
+            save_qa_settings(args.output_dir, settings_from_args(args, eval_metrics, args.validation_file))
             if predictions is not None:
                 save_eval_outputs(args.output_dir, eval_metrics, predictions, null_odds)
     write_outcome(accelerator, args.output_dir, run_record(

@@ -43,6 +43,7 @@ from kd.intermediate import (build_distiller, check_distillation_setup, freeze_o
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.models import export_student, load_teacher, no_zero3_init
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
+from kd.qa_settings import save_qa_settings, settings_from_args
 from kd.records import run_record, write_outcome, write_record
 from kd.runtime import init_trackers, setup_accelerator, start_run
 from kd.squad import load_squad_splits
@@ -184,6 +185,8 @@ def main(argv=None):
     if not sync.preempted:
         checkpoints.finish(accelerator, args.keep_checkpoints)
         export_student(accelerator, model, tokenizer, args.output_dir)
+        if accelerator.is_main_process:  # the windows it learnt on go on to step 3 and inference
+            save_qa_settings(args.output_dir, settings_from_args(args))
     write_outcome(accelerator, args.output_dir, run_record(
         vars(args), accelerator, run_id=run_id, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
         total_steps=total_steps, layer_map=[list(p) for p in distiller.layer_map],
