@@ -65,13 +65,18 @@ def add_skip_invalid(g) -> None:
                    help="Skip malformed SQuAD records (and report how many) instead of stopping with an error.")
 
 
-def window_args() -> argparse.ArgumentParser:
-    """Sliding windows over long contexts (kd.features)."""
+def window_args(from_model: bool = False) -> argparse.ArgumentParser:
+    """Sliding windows over long contexts (kd.features). from_model: no defaults here; the model's
+    qa_settings.json (then the usual 384/128/64) fills what is not given (kd.qa_settings.resolve_settings)."""
     parser, g = _group("windows")
-    g.add_argument("--max_seq_length", type=positive_int, default=384, help="Tokens per window, all included.")
-    g.add_argument("--doc_stride", type=positive_int, default=128,
-                   help="Context tokens shared by consecutive windows of one long context.")
-    g.add_argument("--max_query_length", type=positive_int, default=64, help="Questions are cut to this many tokens.")
+    later = " Default: the model's qa_settings.json, else %(default)s." if from_model else ""
+    g.add_argument("--max_seq_length", type=positive_int, default=None if from_model else 384,
+                   help="Tokens per window, all included." + (later % {"default": 384} if later else ""))
+    g.add_argument("--doc_stride", type=positive_int, default=None if from_model else 128,
+                   help="Context tokens shared by consecutive windows of one long context."
+                        + (later % {"default": 128} if later else ""))
+    g.add_argument("--max_query_length", type=positive_int, default=None if from_model else 64,
+                   help="Questions are cut to this many tokens." + (later % {"default": 64} if later else ""))
     g.add_argument("--preprocessing_num_workers", type=positive_int, default=None)
     return parser
 
@@ -82,13 +87,18 @@ def eval_batch_args() -> argparse.ArgumentParser:
     return parser
 
 
-def answer_args() -> argparse.ArgumentParser:
-    """Turning start/end logits into answers (kd.postprocess)."""
+def answer_args(from_model: bool = False) -> argparse.ArgumentParser:
+    """Turning start/end logits into answers (kd.qa_eval). from_model: as in :func:`window_args`."""
     parser, g = _group("answers")
-    g.add_argument("--n_best_size", type=positive_int, default=20)
-    g.add_argument("--max_answer_length", type=positive_int, default=30)
-    g.add_argument("--no_answer_threshold", type=float, default=0.0,
-                   help="Predict no answer when null score - best span score exceeds this (SQuAD 2.0).")
+    later = " Default: the model's qa_settings.json, else %s." if from_model else ""
+    g.add_argument("--n_best_size", type=positive_int, default=None if from_model else 20,
+                   help="Start and end candidates paired per window." + (later % 20 if later else ""))
+    g.add_argument("--max_answer_length", type=positive_int, default=None if from_model else 30,
+                   help="Longest answer, in tokens." + (later % 30 if later else ""))
+    g.add_argument("--no_answer_threshold", type=float, default=None if from_model else 0.0,
+                   help="Predict no answer when null score - best span score exceeds this (SQuAD 2.0)."
+                        + (" Default: the best threshold of the model's last evaluation (qa_settings.json), "
+                           "else 0." if from_model else ""))
     return parser
 
 
@@ -101,15 +111,16 @@ def check_squad_data(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("give --train_file (SQuAD JSON) or --dataset_name (e.g. squad_v2).")
 
 
-def check_windows(parser: argparse.ArgumentParser, args: argparse.Namespace, tokenizer=None) -> None:
-    """The window sizes against each other and, given a tokenizer, against its special tokens (the one window
-    check: kd.features.check_window_args)."""
+def check_windows(parser: argparse.ArgumentParser, args, tokenizer=None) -> None:
+    """The window sizes (an argparse Namespace or a dict of resolved settings) against each other and, given a
+    tokenizer, against its special tokens (the one window check: kd.features.check_window_args)."""
     from kd.features import check_window_args
 
+    values = args if isinstance(args, dict) else vars(args)
     try:
         # without a tokenizer, 0 special tokens: the loosest bound; featurizing checks again with the real count
-        check_window_args(tokenizer if tokenizer is not None else 0, args.max_seq_length, args.doc_stride,
-                          args.max_query_length)
+        check_window_args(tokenizer if tokenizer is not None else 0, values["max_seq_length"], values["doc_stride"],
+                          values["max_query_length"])
     except ValueError as e:
         parser.error(str(e))
 
@@ -193,6 +204,47 @@ def check_training(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a directory; "
                      "pass a checkpoint dir or 'latest'.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face Hub
+# ---------------------------------------------------------------------------------------------------------------
+def hub_args() -> argparse.ArgumentParser:
+    """--push_to_hub, --hub_model_id, --hub_token, as in run_qa_no_trainer.py (the upload: kd.hub)."""
+    parser, g = _group("Hugging Face Hub")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Once the run has finished and --output_dir is complete (model, tokenizer, README.md model "
+                        "card, records), upload it to the Hub, checkpoints excluded. A failed upload leaves the "
+                        "local output as it is and exits non-zero with the command to upload later.")
+    g.add_argument("--hub_model_id", default=None,
+                   help="The Hub repo to upload to: 'user/name', or 'name' for the token's user. Default: the name "
+                        "of --output_dir.")
+    g.add_argument("--hub_token", default=None,
+                   help="A Hub token with write access. Default: HF_TOKEN, else the `hf auth login` token (both "
+                        "better: a command line is visible to other users of the machine). Never written to a record.")
+    return parser
+
+
+def check_hub(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The repo id to upload to (--hub_model_id, else the output dir's name); None without --push_to_hub."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from kd.hub import default_repo_id
+
+    if not args.push_to_hub:
+        given = [f"--{name}" for name in ("hub_model_id", "hub_token") if getattr(args, name) is not None]
+        if given:
+            parser.error(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with --push_to_hub; "
+                         f"add --push_to_hub, or drop {'them' if len(given) > 1 else 'it'}.")
+        return None
+    repo_id = args.hub_model_id or default_repo_id(args.output_dir)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        what = (f"--hub_model_id {repo_id!r}" if args.hub_model_id else
+                f"the default repo name {repo_id!r} (the name of --output_dir {args.output_dir})")
+        parser.error(f"{what} is not a valid Hub repo id: {e} Pass --hub_model_id user/name.")
+    return repo_id
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Typical use (the same on every process)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -53,18 +54,25 @@ def predict_logits(accelerator, model, dataloader) -> tuple[np.ndarray, np.ndarr
     Rows are in dataset order on every process: ``gather_for_metrics`` collects all processes'
     batches and drops the duplicates the distributed sampler added to even out the last batch.
     ``model`` may be wrapped (DDP etc.); it is only called as ``model(**batch)``.
+    ``accelerator=None``: one process, batches go to the device of the model's first parameter
+    (kd.inference's use: serving needs no distributed state).
     """
+    if accelerator is None:
+        device = next(model.parameters()).device
+        autocast, gather = contextlib.nullcontext, (lambda pair: pair)
+        pad = lambda logits: logits  # noqa: E731  (one process: nothing to even out)
+    else:
+        device, autocast, gather = accelerator.device, accelerator.autocast, accelerator.gather_for_metrics
+        pad = lambda logits: accelerator.pad_across_processes(logits, dim=1, pad_index=_LOGIT_PAD)  # noqa: E731
     model.eval()
     starts, ends = [], []
     with torch.no_grad():
         for batch in dataloader:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
                 outputs = model(**batch)
             # Processes may hold windows of different lengths if features were not padded alike.
-            start = accelerator.pad_across_processes(outputs.start_logits, dim=1, pad_index=_LOGIT_PAD)
-            end = accelerator.pad_across_processes(outputs.end_logits, dim=1, pad_index=_LOGIT_PAD)
-            start, end = accelerator.gather_for_metrics((start.contiguous(), end.contiguous()))
+            start, end = gather((pad(outputs.start_logits).contiguous(), pad(outputs.end_logits).contiguous()))
             starts.append(start.float().cpu().numpy())
             ends.append(end.float().cpu().numpy())
     if not starts:
@@ -227,7 +235,7 @@ def _per_example(
     return best_feature, null_of_example
 
 
-def postprocess_qa_predictions(
+def answer_spans(
     examples,
     features: datasets.Dataset,
     start_logits: np.ndarray,
@@ -235,10 +243,9 @@ def postprocess_qa_predictions(
     *,
     n_best_size: int = 20,
     max_answer_length: int = 30,
-    version_2_with_negative: bool = False,
-    null_score_diff_threshold: float = 0.0,
-) -> tuple[dict[str, str], dict[str, float]]:
-    """Turn per-window start/end logits into one answer text per question.
+    top_k: int = 1,
+) -> list[dict | None]:
+    """Per question (in ``examples`` order): its best answer spans over all its windows and its null odds.
 
     Per window, the ``n_best_size`` highest start and end logits are paired; pairs outside the
     context, reversed, or longer than ``max_answer_length`` tokens are skipped (if no top pair is
@@ -251,15 +258,17 @@ def postprocess_qa_predictions(
         features: evaluation features from :func:`kd.features.prepare_eval_features` (example_id,
             offset_mapping, attention_mask), in the same order as the logits.
         start_logits, end_logits: float arrays [num_features, seq_len].
-        version_2_with_negative: predict "" when null_odds > ``null_score_diff_threshold``;
-            otherwise always the best span.
+        top_k: how many spans per question; the first is always the best span above, the others are
+            the next best distinct (character start, end) pairs of any of its windows' top-k grids.
 
     Returns:
-        (predictions {id: text}, null_odds {id: float}). Questions without any window are left out.
+        one entry per example: None when it has no window, else ``{"null_odds": float, "spans":
+        [{"score", "start", "end"}, ...]}`` (score = start + end logit, start/end = character offsets
+        into the context; ``spans`` is empty when no window has any valid span).
     """
     start_logits, end_logits = _checked_logits(start_logits, end_logits, len(features))
-    if n_best_size < 1 or max_answer_length < 1:
-        raise ValueError("n_best_size and max_answer_length must be positive.")
+    if n_best_size < 1 or max_answer_length < 1 or top_k < 1:
+        raise ValueError("n_best_size, max_answer_length and top_k must be positive.")
     num_features = len(features)
     in_context, char_start, char_end = _offset_arrays(features, start_logits.shape[1])
     null_pos = _null_positions(features, num_features)
@@ -270,21 +279,86 @@ def postprocess_qa_predictions(
     )
 
     example_ids = _column(examples, "id")
-    contexts = _column(examples, "context")
     feature_example = _feature_examples(example_ids, list(features["example_id"]))
     best_feature, null_of_example = _per_example(feature_example, best_score, null_scores, len(example_ids))
 
-    predictions, null_odds = {}, {}
-    for e, qid in enumerate(example_ids):
+    out: list[dict | None] = []
+    for e in range(len(example_ids)):
         f = best_feature[e]
         if f < 0:
+            out.append(None)
             continue
-        text = ""
+        spans = []
         if np.isfinite(best_score[f]):
-            text = contexts[e][char_start[f, best_start[f]] : char_end[f, best_end[f]]]
-        odds = float(null_of_example[e] - best_score[f])
-        null_odds[qid] = odds
-        predictions[qid] = "" if version_2_with_negative and odds > null_score_diff_threshold else text
+            spans.append({"score": float(best_score[f]), "start": int(char_start[f, best_start[f]]),
+                          "end": int(char_end[f, best_end[f]])})
+        out.append({"null_odds": float(null_of_example[e] - best_score[f]), "spans": spans})
+    if top_k > 1:
+        _add_runner_up_spans(out, feature_example, start_logits, end_logits, in_context, char_start, char_end,
+                             n_best_size, max_answer_length, top_k)
+    return out
+
+
+def _add_runner_up_spans(out, feature_example, start_logits, end_logits, in_context, char_start, char_end,
+                         n_best_size, max_answer_length, top_k) -> None:
+    """Extend each entry's ``spans`` (best first) to ``top_k`` distinct character spans, by score."""
+    candidates: dict[int, list[tuple[float, int, int]]] = {}
+    k = min(n_best_size, start_logits.shape[1])
+    for f, e in enumerate(feature_example):
+        if out[e] is None:
+            continue
+        top_start = np.argsort(-start_logits[f], kind="stable")[:k]
+        top_end = np.argsort(-end_logits[f], kind="stable")[:k]
+        length = top_end[None, :] - top_start[:, None] + 1
+        valid = (in_context[f, top_start][:, None] & in_context[f, top_end][None, :]
+                 & (length >= 1) & (length <= max_answer_length))
+        for i, j in zip(*np.nonzero(valid)):
+            s, t = top_start[i], top_end[j]
+            score = float(start_logits[f, s]) + float(end_logits[f, t])
+            candidates.setdefault(e, []).append((score, int(char_start[f, s]), int(char_end[f, t])))
+    for e, found in candidates.items():
+        spans = out[e]["spans"]
+        seen = {(sp["start"], sp["end"]) for sp in spans}
+        for score, start, end in sorted(found, key=lambda c: -c[0]):
+            if len(spans) >= top_k:
+                break
+            if (start, end) not in seen:
+                seen.add((start, end))
+                spans.append({"score": score, "start": start, "end": end})
+
+
+def postprocess_qa_predictions(
+    examples,
+    features: datasets.Dataset,
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    *,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+    version_2_with_negative: bool = False,
+    null_score_diff_threshold: float = 0.0,
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Turn per-window start/end logits into one answer text per question (the best span of
+    :func:`answer_spans`, which says how it is chosen).
+
+    version_2_with_negative: predict "" when null_odds > ``null_score_diff_threshold``; otherwise
+    always the best span.
+
+    Returns:
+        (predictions {id: text}, null_odds {id: float}). Questions without any window are left out.
+    """
+    spans = answer_spans(examples, features, start_logits, end_logits, n_best_size=n_best_size,
+                         max_answer_length=max_answer_length)
+    example_ids, contexts = _column(examples, "id"), _column(examples, "context")
+    predictions, null_odds = {}, {}
+    for qid, context, found in zip(example_ids, contexts, spans):
+        if found is None:
+            continue
+        best = found["spans"][0] if found["spans"] else None
+        text = context[best["start"]:best["end"]] if best else ""
+        null_odds[qid] = found["null_odds"]
+        no_answer = version_2_with_negative and found["null_odds"] > null_score_diff_threshold
+        predictions[qid] = "" if no_answer else text
     missing = len(example_ids) - len(predictions)
     if missing:
         logger.warning("%d question(s) have no feature and get no prediction.", missing)

@@ -3,7 +3,8 @@
 A model dir written by train_prediction.py or train_task_intermediate.py holds ``qa_settings.json``::
 
     {"max_seq_length": 256, "doc_stride": 128, "max_query_length": 64, "max_answer_length": 30,
-     "n_best_size": 20, "no_answer_threshold": -1.7, "no_answer_threshold_source": "best_f1_thresh on dev.json"}
+     "n_best_size": 20, "version_2_with_negative": true, "no_answer_threshold": -1.7,
+     "no_answer_threshold_source": "best_f1_thresh on dev.json"}
 
 Window sizes decide which tokens a model sees together: a student trained on 256-token windows and served on
 384-token ones (the default of Haystack's readers and of HF's examples) sees contexts it never learnt from. The
@@ -35,6 +36,8 @@ def settings_from_args(args, eval_metrics: dict | None = None, validation_file: 
     ``eval_metrics`` when the evaluation had unanswerable questions (its ``best_f1_thresh``)."""
     values = args if isinstance(args, dict) else vars(args)
     settings = {k: values[k] for k in WINDOW_KEYS + ANSWER_KEYS if values.get(k) is not None}
+    if eval_metrics:  # evaluated on unanswerable questions too: serve with no-answers on, at the best threshold
+        settings["version_2_with_negative"] = "NoAns_total" in eval_metrics
     if eval_metrics and "NoAns_total" in eval_metrics and "best_f1_thresh" in eval_metrics:
         settings["no_answer_threshold"] = float(eval_metrics["best_f1_thresh"])
         where = f" on {os.path.basename(validation_file)}" if validation_file else ""

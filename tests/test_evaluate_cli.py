@@ -158,7 +158,7 @@ def test_predictions_mode_scores_like_the_official_script(tmp_path):
     strict = module.score_predictions_file(module.parse_args([
         "--validation_file", str(data), "--predictions", str(predictions), "--na_prob_file", str(na_probs),
         "--na_prob_thresh", "0.5",
-    ]))
+    ])[0])
     assert strict["exact"] == pytest.approx(75.0) and strict["f1"] == pytest.approx(75.0)
 
 
@@ -186,12 +186,12 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
 
 def test_window_sizes_checked_against_the_tokenizer(tiny_roberta_qa_dir, squad_fixture_path):
     module = load_script()
-    args = module.parse_args([
+    args, settings = module.parse_args([
         "--model_name_or_path", str(tiny_roberta_qa_dir), "--validation_file", str(squad_fixture_path),
         "--max_seq_length", "128", "--doc_stride", "60", "--max_query_length", "64",
     ])
     with pytest.raises(SystemExit, match=r"doc_stride \(60\) must be smaller .* 4 special tokens = 60"):
-        module.load_tokenizer(args)
+        module.load_tokenizer(args, settings)
 
 
 def test_invalid_data_is_reported_without_traceback(tmp_path):
@@ -202,11 +202,11 @@ def test_invalid_data_is_reported_without_traceback(tmp_path):
     predictions = tmp_path / "pred.json"
     predictions.write_text(json.dumps({"a1": "Norway"}))
     module = load_script()
-    args = module.parse_args(["--validation_file", str(data), "--predictions", str(predictions)])
+    args, _ = module.parse_args(["--validation_file", str(data), "--predictions", str(predictions)])
     with pytest.raises(SystemExit) as exit_info:
         module.score_predictions_file(args)
     message = str(exit_info.value.code)
     assert "bad.json: article 'Dates', question id 'a2'" in message and "--skip_invalid" in message
     # With --skip_invalid the bad question is dropped and the rest is scored.
-    args = module.parse_args(["--validation_file", str(data), "--predictions", str(predictions), "--skip_invalid"])
+    args, _ = module.parse_args(["--validation_file", str(data), "--predictions", str(predictions), "--skip_invalid"])
     assert module.score_predictions_file(args)["total"] == 3

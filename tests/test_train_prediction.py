@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, pipeline
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
+from kd.inference import QuestionAnswerer
 from kd.student import student_from_teacher_layers
 from tests.helpers import REPO_ROOT, launch, read_json, read_jsonl, script_env
 
@@ -83,11 +84,21 @@ def test_distillation_end_to_end(student_dir, tiny_bert_qa_dir, squad_fixture_pa
     for key in (b"train/loss_kd", b"train/loss_ce", b"train/lr", b"eval/f1", b"eval/HasAns_exact"):
         assert key in logged
 
-    # the student is a plain transformers QA model
-    qa = pipeline("question-answering", model=str(out), tokenizer=str(out), device=-1)
+    # the windows it learnt on and the best no-answer threshold of its evaluation travel with it ...
+    settings = read_json(out / "qa_settings.json")
+    assert {k: settings[k] for k in ("max_seq_length", "doc_stride", "max_query_length")} == {
+        "max_seq_length": 128, "doc_stride": 48, "max_query_length": 32}
+    assert settings["version_2_with_negative"] is True  # the fixture has unanswerable questions
+    assert settings["no_answer_threshold"] == metrics["best_f1_thresh"]
+    # ... and our inference (transformers >= 5.3 has no QA pipeline) serves it with them
+    qa = QuestionAnswerer(str(out), device="cpu")
+    assert qa.settings["max_seq_length"] == 128 and qa.settings_source["no_answer_threshold"] == "model"
     context = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy."
-    answer = qa(question="Who gave their name to Normandy?", context=context)
-    assert answer["answer"] in context and 0 <= answer["start"] < answer["end"] <= len(context)
+    (answer,) = qa(["Who gave their name to Normandy?"], [context], top_k=3)
+    best = answer["candidates"][0]
+    assert context[best["start"]:best["end"]] == best["text"] and 0 <= best["start"] < best["end"] <= len(context)
+    assert answer["no_answer"] == (answer["null_odds"] > metrics["best_f1_thresh"])
+    assert answer["answer"] == ("" if answer["no_answer"] else best["text"])
 
     # second run on the same data: the cached teacher logits are used, the teacher is not run
     out2 = tmp_path / "run2"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The end-to-end tests on the oldest transformers we support (the lower bound in requirements.txt), in a venv that
+# sees everything else installed (run after `pip install -r requirements.txt -r requirements-test.txt`).
+#   bash tests/lower_bound.sh            # venv in ${KD_LOWER_VENV:-/tmp/kd-lower-bound}, reused when present
+set -euo pipefail
+cd "$(dirname "$0")/.."
+lower=$(sed -n 's/^transformers>=\([0-9.]*\).*/\1/p' requirements.txt)
+[ -n "$lower" ] || { echo "no 'transformers>=X' line in requirements.txt" >&2; exit 2; }
+venv=${KD_LOWER_VENV:-/tmp/kd-lower-bound}
+[ -x "$venv/bin/python" ] || python -m venv --system-site-packages "$venv"
+"$venv/bin/python" -m pip install -q "transformers==$lower"
+"$venv/bin/python" -c "import transformers; assert transformers.__version__ == '$lower', transformers.__version__; print('transformers', transformers.__version__)"
+"$venv/bin/python" -m pytest -q -m "not slow" tests/test_train_prediction.py tests/test_train_task_intermediate.py \
+    tests/test_train_general.py tests/test_evaluate_cli.py tests/test_predict.py tests/test_report.py \
+    tests/test_haystack.py

@@ -1,0 +1,104 @@
+"""Our QA inference (kd.inference + predict.py): the same answers as evaluate.py, settings from the model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+from kd.inference import QuestionAnswerer
+from tests.helpers import REPO_ROOT, launch, read_json
+
+SAVED = {"max_seq_length": 96, "doc_stride": 32, "max_query_length": 24, "max_answer_length": 12, "n_best_size": 10,
+         "version_2_with_negative": True, "no_answer_threshold": -0.5}  # the random model's median null odds
+
+
+@pytest.fixture(scope="module")
+def model_with_settings(tiny_bert_qa_dir, tmp_path_factory):
+    """The tiny QA model with a qa_settings.json unlike every default, as train_prediction.py leaves one."""
+    out = tmp_path_factory.mktemp("with_settings") / "model"
+    shutil.copytree(tiny_bert_qa_dir, out)
+    (out / "qa_settings.json").write_text(json.dumps(SAVED))
+    return out
+
+
+def load_predict():
+    spec = importlib.util.spec_from_file_location("predict_script", REPO_ROOT / "predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_predict_writes_exactly_evaluates_predictions(model_with_settings, squad_fixture_path, tmp_path):
+    # neither command names a setting: both must take the model's windows, answer length and threshold
+    launch("evaluate.py", ["--model_name_or_path", model_with_settings, "--validation_file", squad_fixture_path,
+                           "--output_dir", tmp_path / "eval", "--timing_batches", "1", "--warmup_batches", "0"])
+    results = read_json(tmp_path / "eval" / "eval_results.json")
+    assert (results["max_seq_length"], results["doc_stride"], results["no_answer_threshold"]) == (96, 32, -0.5)
+    launch("predict.py", ["--model_name_or_path", model_with_settings, "--input_file", squad_fixture_path,
+                          "--output_file", tmp_path / "answers.json", "--predictions_file", tmp_path / "pred.json",
+                          "--top_k", "3", "--device", "cpu"])
+    expected = read_json(tmp_path / "eval" / "predictions.json")
+    assert read_json(tmp_path / "pred.json") == expected
+    out = read_json(tmp_path / "answers.json")
+    assert out["settings"] == {k: v for k, v in SAVED.items() if k != "version_2_with_negative"}
+    assert set(out["settings_source"].values()) == {"model"}
+    null_odds = read_json(tmp_path / "eval" / "null_odds.json")
+    assert len(out["results"]) == len(expected)
+    for r in out["results"]:
+        assert r["null_odds"] == pytest.approx(null_odds[r["id"]], abs=1e-5)
+        assert r["no_answer"] == (r["null_odds"] > -0.5)
+        assert 1 <= len(r["candidates"]) <= 3
+    # the random model declines some questions and answers others: both paths were exercised
+    assert {r["no_answer"] for r in out["results"]} == {True, False}
+
+
+def test_top_k_answers_are_distinct_context_spans_best_first(model_with_settings, squad_fixture_examples):
+    qa = QuestionAnswerer(str(model_with_settings), device="cpu", version_2_with_negative=False)
+    examples = squad_fixture_examples.select(range(12))
+    top1 = qa.answer_examples(examples, top_k=1)
+    top5 = qa.answer_examples(examples, top_k=5, batch_size=3)  # batching must not change an answer
+    for one, five, context in zip(top1, top5, examples["context"]):
+        assert one["answer"] == five["answer"] == five["candidates"][0]["text"]  # no-answers off: always a span
+        spans = [(c["start"], c["end"]) for c in five["candidates"]]
+        assert len(spans) == len(set(spans)) == 5
+        assert all(context[c["start"]:c["end"]] == c["text"] for c in five["candidates"])
+        scores = [c["score"] for c in five["candidates"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_explicit_settings_win_over_the_models(model_with_settings):
+    qa = QuestionAnswerer(str(model_with_settings), device="cpu", max_seq_length=128, no_answer_threshold=0.0)
+    assert qa.settings["max_seq_length"] == 128 and qa.settings_source["max_seq_length"] == "argument"
+    assert qa.settings["doc_stride"] == 32 and qa.settings_source["doc_stride"] == "model"
+    with pytest.raises(ValueError, match="doc_stride"):
+        QuestionAnswerer(str(model_with_settings), device="cpu", max_seq_length=40, doc_stride=32)
+
+
+def test_one_question_and_json_lines(model_with_settings, tmp_path, capsys):
+    module = load_predict()
+    context = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy."
+    module.main(["--model_name_or_path", str(model_with_settings), "--question", "Who gave their name?",
+                 "--context", context, "--device", "cpu"])
+    single = json.loads(capsys.readouterr().out)["results"][0]
+    lines = tmp_path / "q.jsonl"
+    lines.write_text(json.dumps({"id": "a", "question": "Who gave their name?", "context": context}) + "\n")
+    module.main(["--model_name_or_path", str(model_with_settings), "--input_file", str(lines), "--device", "cpu",
+                 "--output_file", str(tmp_path / "out.json")])
+    (from_file,) = read_json(tmp_path / "out.json")["results"]
+    assert from_file["id"] == "a" and from_file["answer"] == single["answer"]
+    assert from_file["null_odds"] == pytest.approx(single["null_odds"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--question", "q"], "go together"),
+    (["--question", "q", "--context", "c", "--input_file", "x.json"], "either"),
+    ([], "either"),
+    (["--input_file", "missing.json"], "does not exist"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_predict().parse_args(["--model_name_or_path", "m", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
