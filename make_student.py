@@ -4,7 +4,8 @@
     python make_student.py --teacher_name_or_path deepset/roberta-base-squad2 --layers every_other --output_dir s
 
 Layers are 1-based block numbers (0 is the embedding output, always kept). The student keeps the teacher's
-tokenizer, embeddings and heads (a QA head too, when the teacher has one), and loads with from_pretrained.
+tokenizer, embeddings and heads (a QA head too, when the teacher has one), and loads with from_pretrained. Beside
+it: the teacher's windows (qa_settings.json), a README.md model card and student_origin.json.
 """
 
 import argparse
@@ -13,7 +14,9 @@ import os
 
 from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
 
+from kd.model_card import write_model_card
 from kd.qa_settings import ANSWER_KEYS, WINDOW_KEYS, load_qa_settings, save_qa_settings
+from kd.records import command_record
 from kd.student import parse_layer_selection, student_from_teacher_layers
 
 
@@ -46,8 +49,11 @@ def main(argv=None):
     windows = {k: v for k, v in load_qa_settings(args.teacher_name_or_path).items() if k in WINDOW_KEYS + ANSWER_KEYS}
     if windows:
         save_qa_settings(args.output_dir, windows)
-    with open(os.path.join(args.output_dir, "student_origin.json"), "w") as f:
-        json.dump({"teacher": args.teacher_name_or_path, "teacher_layers_kept": layers}, f, indent=2)
+    origin = {"teacher": args.teacher_name_or_path, "teacher_layers_kept": layers}
+    write_model_card(args.output_dir, {**command_record(vars(args), "make_student.py", argv),  # README.md
+                                       "student": {**origin, "head": args.head}})
+    with open(os.path.join(args.output_dir, "student_origin.json"), "w") as f:  # last: marks the dir finished
+        json.dump(origin, f, indent=2)
     print(f"student with teacher blocks {layers} of {config.num_hidden_layers} saved to {args.output_dir} "
           f"({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters)")
 

@@ -32,8 +32,9 @@ Launch:
         --teacher_name_or_path runs/qa_teacher ...
 
 Outputs in --output_dir: the student (save_pretrained: the bare encoder, no projections, and the teacher's
-tokenizer; AutoModelForQuestionAnswering loads it with a new QA head), run_config.json, train_log.jsonl (loss,
-each term, tokens/s), checkpoints/ (with each process's data position when streaming), all_results.json.
+tokenizer; AutoModelForQuestionAnswering loads it with a new QA head), README.md (its model card),
+run_config.json, train_log.jsonl (loss, each term, tokens/s), checkpoints/ (with each process's data position
+when streaming), all_results.json. --push_to_hub then uploads it.
 """
 
 import argparse
@@ -48,8 +49,10 @@ from kd import args as kd_args
 from kd.checkpoint import CheckpointManager
 from kd.corpus import DatasetCorpus, FileCorpus
 from kd.data import make_train_dataloader
+from kd.hub import push_to_hub
 from kd.intermediate import build_distiller, freeze_unreached_parameters, make_compute_loss
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
+from kd.model_card import write_model_card
 from kd.models import export_student, load_teacher, no_zero3_init, usable_positions
 from kd.optim import make_optimizer, make_scheduler, total_and_warmup_steps
 from kd.packing import DataTrace, PackedCorpus, build_packed_corpus
@@ -63,18 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         parents=[kd_args.general_distillation_args(), kd_args.intermediate_distillation_args(),
-                 kd_args.training_args()],
+                 kd_args.training_args(), kd_args.hub_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     return parser
 
 
 def parse_args(argv=None):
-    """The arguments, and the settings resolved from them: (args, {"corpus_files", "loss_weights", "distiller"})."""
+    """The arguments, and the settings resolved from them: (args, {"corpus_files", "loss_weights", "distiller",
+    "hub_model_id"})."""
     parser = build_parser()
     args = parser.parse_args(argv)
     kd_args.check_training(parser, args)
     corpus_files = kd_args.check_general_distillation(parser, args)
     weights = kd_args.check_intermediate_distillation(parser, args)
+    hub_model_id = kd_args.check_hub(parser, args)
+    if hub_model_id and args.preprocess_only:
+        parser.error("--preprocess_only builds the corpus cache and trains no model: drop --push_to_hub (pass it "
+                     "to the training run).")
     try:  # from the configs alone: a bad student size, layer map or loss setting fails before anything is loaded
         teacher_config = AutoConfig.from_pretrained(args.teacher_name_or_path)
         config = student_config(args, teacher_config)
@@ -88,7 +96,8 @@ def parse_args(argv=None):
                 weights=weights, relation_heads=args.relation_heads).describe()
     except (ValueError, OSError) as e:
         parser.error(f"teacher {args.teacher_name_or_path}: {e}")
-    return args, {"corpus_files": corpus_files, "loss_weights": weights, "distiller": distiller}
+    return args, {"corpus_files": corpus_files, "loss_weights": weights, "distiller": distiller,
+                  "hub_model_id": hub_model_id}
 
 
 def student_config(args, teacher_config):
@@ -268,12 +277,16 @@ def main(argv=None):
         export_student(accelerator, model, tokenizer, args.output_dir)
     if args.streaming:
         corpus_info.update(stream_epoch=train_dataloader.epoch, stream_batches=train_dataloader.batches)
-    write_outcome(accelerator, args.output_dir, run_record(
+    record = run_record(
         vars(args), accelerator, run_id=run_id, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
         total_steps=total_steps, student=origin, teacher_dtype=str(next(teacher.parameters()).dtype),
-        frozen_parameters=frozen, corpus=corpus_info, train_metrics=train_log.summary(state.completed_steps)),
-        preempted_by=preemption.describe() if sync.preempted else None)
+        frozen_parameters=frozen, corpus=corpus_info, train_metrics=train_log.summary(state.completed_steps))
+    if accelerator.is_main_process and not sync.preempted:
+        write_model_card(args.output_dir, record)  # README.md, with the final figures; all_results.json comes last
+    write_outcome(accelerator, args.output_dir, record, preempted_by=preemption.describe() if sync.preempted else None)
     accelerator.end_training()
+    if args.push_to_hub and not sync.preempted:  # the local output is complete: a failed upload leaves it so
+        push_to_hub(accelerator, args.output_dir, resolved["hub_model_id"], args.hub_token)
 
 
 if __name__ == "__main__":

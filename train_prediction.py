@@ -21,9 +21,10 @@ Launch:
     # continue a preempted job
     ... same command ... --resume_from_checkpoint latest
 
-Outputs in --output_dir: the student (save_pretrained: model + tokenizer), run_config.json (args, git sha,
-versions; written at start), train_log.jsonl (every logged step), checkpoints/, all_results.json (args,
-git sha, final metrics), predictions.json / null_odds.json / eval_results.json of the last evaluation.
+Outputs in --output_dir: the student (save_pretrained: model + tokenizer), qa_settings.json, README.md (its model
+card), run_config.json (args, git sha, versions; written at start), train_log.jsonl (every logged step),
+checkpoints/, all_results.json (args, git sha, final metrics, nested and as HF's flat eval_*/train_* keys),
+predictions.json / null_odds.json / eval_results.json of the last evaluation. --push_to_hub then uploads it.
 """
 
 import argparse
@@ -38,8 +39,10 @@ from kd.compat import assert_same_tokenization
 from kd.checkpoint import CheckpointManager
 from kd.data import TensorDictDataset, make_train_dataloader
 from kd.features import model_input_arrays, prepare_eval_features, prepare_train_features
+from kd.hub import push_to_hub
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.losses import prediction_distillation_loss
+from kd.model_card import write_model_card
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
 from kd.qa_settings import save_qa_settings, settings_from_args
@@ -55,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.eval_batch_args(), kd_args.answer_args(),
-                 kd_args.training_args(), kd_args.prediction_distillation_args()],
+                 kd_args.training_args(), kd_args.prediction_distillation_args(), kd_args.hub_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="The student (or the model to fine-tune).")
     return parser
 
 
 def parse_args(argv=None):
-    """The arguments, and the settings resolved from them: (args, {"distillation_loss_weight": w})."""
+    """The arguments, and the settings resolved from them: (args, {"distillation_loss_weight", "hub_model_id"})."""
     parser = build_parser()
     args = parser.parse_args(argv)
     kd_args.check_training(parser, args)
@@ -71,7 +74,7 @@ def parse_args(argv=None):
     kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path,
                            "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
     weight = kd_args.check_prediction_distillation(parser, args)  # 0 without a teacher: gold spans only
-    return args, {"distillation_loss_weight": weight}
+    return args, {"distillation_loss_weight": weight, "hub_model_id": kd_args.check_hub(parser, args)}
 
 
 def main(argv=None):
@@ -199,14 +202,18 @@ def main(argv=None):
             save_qa_settings(args.output_dir, settings_from_args(args, eval_metrics, args.validation_file))
             if predictions is not None:
                 save_eval_outputs(args.output_dir, eval_metrics, predictions, null_odds)
-    write_outcome(accelerator, args.output_dir, run_record(
+    record = run_record(
         vars(args), accelerator, run_id=run_id, **resolved, **teacher_info, state=state.to_json(),
         checkpoint=checkpoints.last, total_steps=total_steps, train_metrics=train_log.summary(state.completed_steps),
-        eval_metrics=eval_metrics),
-        preempted_by=preemption.describe() if sync.preempted else None)
+        eval_metrics=eval_metrics)
+    if accelerator.is_main_process and not sync.preempted:
+        write_model_card(args.output_dir, record)  # README.md, with the final metrics; all_results.json comes last
+    write_outcome(accelerator, args.output_dir, record, preempted_by=preemption.describe() if sync.preempted else None)
     if eval_metrics:
         accelerator.print({k: round(v, 2) for k, v in eval_metrics.items() if isinstance(v, float)})
     accelerator.end_training()
+    if args.push_to_hub and not sync.preempted:  # the local output is complete: a failed upload leaves it so
+        push_to_hub(accelerator, args.output_dir, resolved["hub_model_id"], args.hub_token)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ Launch:
         --teacher_name_or_path runs/teacher ...
 
 Outputs in --output_dir: the student (save_pretrained: model with its untouched QA head, no projections, and the
-tokenizer), run_config.json, train_log.jsonl (loss and each term: loss_att, loss_hidden, loss_emb or loss_rel),
-checkpoints/ (the projections are in them: they are part of the trained module), all_results.json (args, layer
-map, loss settings, frozen parameters, held-out losses).
+tokenizer), qa_settings.json, README.md (its model card), run_config.json, train_log.jsonl (loss and each term:
+loss_att, loss_hidden, loss_emb or loss_rel), checkpoints/ (the projections are in them: they are part of the
+trained module), all_results.json (args, layer map, loss settings, frozen parameters, held-out losses, also as
+eval_loss, ...). --push_to_hub then uploads it.
 """
 
 import argparse
@@ -38,9 +39,11 @@ from kd.checkpoint import CheckpointManager
 from kd.compat import assert_same_tokenization
 from kd.data import TensorDictDataset, make_train_dataloader
 from kd.features import model_input_arrays, prepare_train_features
+from kd.hub import push_to_hub
 from kd.intermediate import (build_distiller, check_distillation_setup, freeze_outside_encoder,
                              freeze_unreached_parameters, heldout_loss, make_compute_loss)
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
+from kd.model_card import write_model_card
 from kd.models import export_student, load_teacher, no_zero3_init
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_settings import save_qa_settings, settings_from_args
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.eval_batch_args(),
-                 kd_args.training_args(), kd_args.intermediate_distillation_args()],
+                 kd_args.training_args(), kd_args.intermediate_distillation_args(), kd_args.hub_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True,
                         help="The student to start from (e.g. make_student.py's output or train_general.py's).")
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    """The arguments, and the settings resolved from them: (args, {"loss_weights", "distiller"})."""
+    """The arguments, and the settings resolved from them: (args, {"loss_weights", "distiller", "hub_model_id"})."""
     parser = build_parser()
     args = parser.parse_args(argv)
     kd_args.check_training(parser, args)
@@ -72,13 +75,14 @@ def parse_args(argv=None):
     kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path,
                            "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
     weights = kd_args.check_intermediate_distillation(parser, args)
+    hub_model_id = kd_args.check_hub(parser, args)
     try:  # from the configs alone: a bad layer map or loss setting fails before anything is loaded
         distiller = check_distillation_setup(args.model_name_or_path, args.teacher_name_or_path, args.layer_map,
                                              loss_kind=args.loss_kind, weights=weights,
                                              relation_heads=args.relation_heads)
     except (ValueError, OSError) as e:
         parser.error(f"student {args.model_name_or_path} / teacher {args.teacher_name_or_path}: {e}")
-    return args, {"loss_weights": weights, "distiller": distiller}
+    return args, {"loss_weights": weights, "distiller": distiller, "hub_model_id": hub_model_id}
 
 
 def main(argv=None):
@@ -187,16 +191,20 @@ def main(argv=None):
         export_student(accelerator, model, tokenizer, args.output_dir)
         if accelerator.is_main_process:  # the windows it learnt on go on to step 3 and inference
             save_qa_settings(args.output_dir, settings_from_args(args))
-    write_outcome(accelerator, args.output_dir, run_record(
+    record = run_record(
         vars(args), accelerator, run_id=run_id, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
         total_steps=total_steps, layer_map=[list(p) for p in distiller.layer_map],
         teacher_dtype=str(next(teacher.parameters()).dtype),
         frozen_parameters={"head": frozen_head, "unreached": frozen_unreached},
-        train_metrics=train_log.summary(state.completed_steps), eval_metrics=eval_metrics),
-        preempted_by=preemption.describe() if sync.preempted else None)
+        train_metrics=train_log.summary(state.completed_steps), eval_metrics=eval_metrics)
+    if accelerator.is_main_process and not sync.preempted:
+        write_model_card(args.output_dir, record)  # README.md, with the final metrics; all_results.json comes last
+    write_outcome(accelerator, args.output_dir, record, preempted_by=preemption.describe() if sync.preempted else None)
     if eval_metrics:
         accelerator.print({f"heldout_{k}": round(v, 5) for k, v in eval_metrics.items()})
     accelerator.end_training()
+    if args.push_to_hub and not sync.preempted:  # the local output is complete: a failed upload leaves it so
+        push_to_hub(accelerator, args.output_dir, resolved["hub_model_id"], args.hub_token)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Publishing files so that no reader ever takes a half-written one for a finished one, and where caches live.
 
-- :func:`write_json_atomic`: temp file beside the target, fsync, rename.
+- :func:`write_json_atomic`, :func:`write_text_atomic`: temp file beside the target, fsync, rename.
 - :func:`publish_dir`: a finished temp dir renamed into place as a cache entry.
 - :func:`space_error`: a write that failed because the disk is full, said as such (torch and numpy report it as
   "unexpected pos ..." or "N requested and M written").
@@ -19,10 +19,14 @@ import shutil
 
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON to a temp file beside ``path``, fsync, then rename: readers see the old or the new file whole."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """:func:`write_json_atomic` for text (UTF-8)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

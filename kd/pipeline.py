@@ -19,11 +19,16 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-STAGES = ("teacher", "student_init", "general", "augment", "task_intermediate", "prediction", "evaluate", "report")
+# student_nokd / student_kd are the comparisons that show what the recipe buys: the same student init fine-tuned
+# without a teacher, and with prediction-layer distillation alone (no steps 1-2); a recipe may leave them out
+STAGES = ("teacher", "student_init", "general", "augment", "task_intermediate", "prediction", "student_nokd",
+          "student_kd", "evaluate", "report")
 SCRIPTS = {"teacher": "train_prediction.py", "student_init": "make_student.py", "general": "train_general.py",
            "augment": "augment.py", "task_intermediate": "train_task_intermediate.py",
-           "prediction": "train_prediction.py", "evaluate": "evaluate.py", "report": "report.py"}
-TRAINING = {"teacher", "general", "task_intermediate", "prediction"}  # resumable, launched through launch.py
+           "prediction": "train_prediction.py", "student_nokd": "train_prediction.py",
+           "student_kd": "train_prediction.py", "evaluate": "evaluate.py", "report": "report.py"}
+# resumable, launched through launch.py
+TRAINING = {"teacher", "general", "task_intermediate", "prediction", "student_nokd", "student_kd"}
 RESERVED = {"output_dir", "output_file", "resume_from_checkpoint", "overwrite_output_dir"}  # set by the pipeline
 STAGE_KEYS = {"launch", "use"}
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a stage stopped on a preemption signal; rerun (requeue) to continue

@@ -22,7 +22,7 @@ RUN_FILE = "run.json"
 # What a run leaves in its output dir besides checkpoints/: records, evaluation files, the exported model.
 RUN_OUTPUTS = ("run.json", "run_config.json", "train_log.jsonl", "all_results.json", "preempted.json",
                "eval_results.json", "predictions.json", "null_odds.json", "config.json", "model.safetensors",
-               "pytorch_model.bin", "data_trace")
+               "pytorch_model.bin", "data_trace", "qa_settings.json", "README.md")
 
 
 class OutputDirInUseError(RuntimeError):

@@ -62,8 +62,10 @@ def init_trackers(accelerator: Accelerator, project_name: str, run_name: str | N
     run_id (kd.run_dir): a resumed run, requeued as often as it may be, continues one W&B run."""
     if not accelerator.log_with:
         return
-    config = {k: ("None" if v is None else v)  # tensorboard hparams reject None
-              for k, v in config.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    from kd.records import redact_args
+
+    config = {k: ("None" if v is None else v)  # tensorboard hparams reject None; W&B uploads the config
+              for k, v in redact_args(config).items() if isinstance(v, (int, float, str, bool)) or v is None}
     init_kwargs = {"wandb": {"dir": output_dir, "name": run_name}}
     if run_id is not None:
         init_kwargs["wandb"].update(id=run_id, resume="allow")

@@ -49,8 +49,14 @@ def _recipe(tmp_path, teacher_base, glove, name="recipe", **changes) -> str:
         "prediction": dict(model_name_or_path="${task_intermediate}", teacher_name_or_path="${teacher}",
                            train_file=squad, validation_file=squad, temperature=2, max_train_steps=40,
                            checkpointing_steps=1, **{**train, "keep_checkpoints": "last"}),
+        # the comparisons: the same init without a teacher, and with prediction-layer distillation alone
+        "student_nokd": dict(model_name_or_path="${student_init}", train_file=squad, validation_file=squad,
+                             max_train_steps=3, **train),
+        "student_kd": dict(model_name_or_path="${student_init}", teacher_name_or_path="${teacher}", train_file=squad,
+                           validation_file=squad, temperature=2, max_train_steps=3, **train),
         "evaluate": dict(model_name_or_path="${prediction}", validation_file=squad, **WINDOW),
-        "report": dict(models=["teacher=${teacher}", "student=${prediction}"], validation_file=squad,
+        "report": dict(models=["teacher=${teacher}", "student_nokd=${student_nokd}", "student_kd=${student_kd}",
+                               "student=${prediction}"], validation_file=squad,
                        warmup_batches=1, timing_batches=2, **WINDOW),
     }
     for key, value in changes.items():
@@ -76,7 +82,7 @@ def test_pipeline_runs_every_stage_chained_then_skips_and_resumes(tiny_bert_qa_d
 
     # dry run: the commands, nothing run or written
     dry = _run("--recipe", recipe, "--output_dir", out, "--dry_run")
-    assert not out.exists() and dry.stdout.count("\n# ") + dry.stdout.startswith("# ") == 8
+    assert not out.exists() and dry.stdout.count("\n# ") + dry.stdout.startswith("# ") == len(pipeline.STAGES)
 
     _run("--recipe", recipe, "--output_dir", out)
     record = read_json(out / "pipeline.json")["stages"]
@@ -87,7 +93,10 @@ def test_pipeline_runs_every_stage_chained_then_skips_and_resumes(tiny_bert_qa_d
         out / "augment" / "train-aug.json")
     assert read_json(out / "prediction" / "run_config.json")["args"]["model_name_or_path"] == str(
         out / "task_intermediate")
-    assert [r["model"] for r in read_json(out / "report" / "report.json")["rows"]] == ["teacher", "student"]
+    assert read_json(out / "student_nokd" / "run_config.json")["args"]["teacher_name_or_path"] is None
+    assert read_json(out / "student_kd" / "run_config.json")["args"]["model_name_or_path"] == str(out / "student_init")
+    assert [r["model"] for r in read_json(out / "report" / "report.json")["rows"]] == [
+        "teacher", "student_nokd", "student_kd", "student"]
     assert record["evaluate"]["metrics"]["f1"] == pytest.approx(read_json(out / "evaluate" / "eval_results.json")["f1"],
                                                                 abs=0.01)
     # commands.sh holds exactly what ran
@@ -97,7 +106,7 @@ def test_pipeline_runs_every_stage_chained_then_skips_and_resumes(tiny_bert_qa_d
 
     # a second run skips everything
     again = _run("--recipe", recipe, "--output_dir", out)
-    assert again.stdout.count("finished before: skipped") == 8
+    assert again.stdout.count("finished before: skipped") == len(pipeline.STAGES)
     assert read_json(out / "pipeline.json")["stages"] == record
 
     # a changed setting of a finished stage: a clear error naming it, nothing run

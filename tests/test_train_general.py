@@ -62,6 +62,8 @@ def test_general_distillation_end_to_end(teacher_dir, tmp_path, squad_fixture_pa
                                                 rel=1e-5)
         assert r["train/tokens_per_s"] > 0
     assert results["train_metrics"]["train_tokens"] == 4 * 4 * 64
+    card = (out / "README.md").read_text()  # the model card: a bare encoder, no QA widget
+    assert "- general-distillation" in card and "pipeline_tag: feature-extraction" in card
 
     # the student loads as a QA model (new QA head) with the trained encoder, and it came from blocks 2 and 4
     saved = load_file(str(out / "model.safetensors"))

@@ -117,6 +117,9 @@ def test_end_to_end_trains_student_and_projections_and_exports_plain_student(mod
     heldout = [r for r in log if "eval/loss" in r]
     assert heldout and {"eval/loss_att", "eval/loss_hidden", "eval/loss_emb"} <= heldout[-1].keys()
     assert results["eval_metrics"]["loss"] == pytest.approx(heldout[-1]["eval/loss"])
+    assert results["eval_loss"] == results["eval_metrics"]["loss"]  # HF's flat key beside the nested one
+    card = (out / "README.md").read_text()  # the model card names the stage and the map it learnt with
+    assert "- task-intermediate-distillation" in card and "0:0, 1:2, 2:4" in card
 
     # the projections are in the checkpoints, and they trained
     first = load_file(str(out / "checkpoints" / "step_00000001" / "model.safetensors"))
