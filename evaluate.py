@@ -14,6 +14,14 @@ Run a model (one process, or several with ``accelerate launch``)::
   ``--warmup_batches``, per process). Without ``--output_dir`` nothing is written. The results
   are printed as JSON at the end.
 
+  ``--onnx_file`` runs an ONNX export (``export_onnx.py``) under ONNX Runtime instead of the PyTorch
+  weights, through the same windows, post-processing and timing (ONNX Runtime gets as many threads as
+  torch). The tokenizer and ``qa_settings.json`` still come from ``--model_name_or_path``: pass the
+  export's own dir, which holds them::
+
+    python evaluate.py --model_name_or_path outputs/student-onnx \
+        --onnx_file outputs/student-onnx/model.int8.onnx --validation_file /path/to/dev-v2.0.json
+
 Score a predictions file exactly like the official ``evaluate-v2.0.py``::
 
     python evaluate.py --validation_file dev-v2.0.json --predictions predictions.json \\
@@ -41,6 +49,7 @@ from kd.features import check_window_args
 from kd.files import write_json_atomic
 from kd.model_eval import evaluate_model
 from kd.qa_eval import save_eval_outputs
+from kd.qa_settings import DEFAULTS, load_qa_settings, resolve_settings
 from kd.squad import SquadFormatError, load_squad
 from kd.squad_metrics import squad_evaluate
 
@@ -53,7 +62,7 @@ _UNSET_MODEL_MAX_LENGTH = 10**9
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate an extractive QA model on SQuAD-format data, or score a predictions file.",
-        parents=[kd_args.window_args(), kd_args.eval_batch_args(), kd_args.answer_args()],
+        parents=[kd_args.window_args(from_model=True), kd_args.eval_batch_args(), kd_args.answer_args(from_model=True)],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -80,11 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--warmup_batches", type=kd_args.non_negative_int, default=2)
     model.add_argument("--timing_batches", type=kd_args.positive_int, default=5)
     model.add_argument("--seed", type=int, default=42, help="Seeds e.g. a randomly initialised QA head.")
+    model.add_argument(
+        "--onnx_file", default=None,
+        help="Run this ONNX graph (export_onnx.py) under ONNX Runtime instead of the PyTorch weights; the tokenizer "
+             "and qa_settings.json still come from --model_name_or_path (an export's dir holds both).",
+    )
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and sanity-check arguments; exits with a usage error saying what to change."""
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """Parse and sanity-check arguments; exits with a usage error saying what to change.
+
+    Returns (args, settings): the window and answer settings of a model run, each from its flag, else the model's
+    qa_settings.json, else the default (kd.qa_settings.resolve_settings); {} when scoring a predictions file.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.predictions is not None and args.version_2_with_negative is not None:
@@ -97,8 +115,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--na_prob_file only applies to scoring a predictions file (--predictions); a model run "
             "computes its own null odds."
         )
-    kd_args.check_windows(parser, args)
-    return args
+    if args.onnx_file is not None and args.predictions is not None:
+        parser.error("--onnx_file only applies when running a model (--model_name_or_path).")
+    if args.onnx_file is not None and not os.path.isfile(args.onnx_file):
+        parser.error(f"--onnx_file {args.onnx_file!r} does not exist or is not a file.")
+    if args.predictions is not None:
+        return args, {}
+    explicit = {k: getattr(args, k) for k in DEFAULTS}
+    try:
+        settings, source = resolve_settings(explicit, load_qa_settings(args.model_name_or_path))
+    except ValueError as err:
+        parser.error(str(err))
+    kd_args.check_windows(parser, settings)
+    logger.debug("settings %s from %s", settings, source)
+    return args, settings
 
 
 def read_json_mapping(path: str, what: str) -> dict:
@@ -137,34 +167,46 @@ def score_predictions_file(args: argparse.Namespace) -> dict:
         sys.exit(f"evaluate.py: error: {err}")
 
 
-def load_tokenizer(args: argparse.Namespace):
-    """The model's tokenizer, after checking the window sizes against it."""
+def load_tokenizer(args: argparse.Namespace, settings: dict):
+    """The model's tokenizer, after checking the window sizes (resolved ``settings``) against it."""
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     limit = tokenizer.model_max_length
-    if limit < _UNSET_MODEL_MAX_LENGTH and args.max_seq_length > limit:
+    if limit < _UNSET_MODEL_MAX_LENGTH and settings["max_seq_length"] > limit:
         sys.exit(
-            f"evaluate.py: error: --max_seq_length {args.max_seq_length} exceeds what the model accepts "
+            f"evaluate.py: error: --max_seq_length {settings['max_seq_length']} exceeds what the model accepts "
             f"({limit} tokens); pass --max_seq_length {limit} or less."
         )
     try:
-        check_window_args(tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length)
+        check_window_args(tokenizer, settings["max_seq_length"], settings["doc_stride"], settings["max_query_length"])
     except ValueError as err:
         sys.exit(f"evaluate.py: error: {err}")
     return tokenizer
 
 
-def run_model(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+def load_onnx_model(args: argparse.Namespace):
+    """The --onnx_file graph under ONNX Runtime, or None: evaluate_model then loads the PyTorch weights."""
+    if args.onnx_file is None:
+        return None
+    from kd.onnx_qa import OnnxQAModel  # onnxruntime is an export-only need (requirements-test.txt)
+
+    return OnnxQAModel(args.onnx_file)
+
+
+def run_model(args: argparse.Namespace, settings: dict, accelerator: Accelerator) -> dict:
     """``--model_name_or_path`` mode: predict, score, time; returns eval_results (all processes)."""
     set_seed(args.seed)
-    tokenizer = load_tokenizer(args)
+    tokenizer = load_tokenizer(args, settings)
     results, predictions, null_odds = evaluate_model(
-        accelerator, args.model_name_or_path, tokenizer, load_examples(args), max_seq_length=args.max_seq_length,
-        doc_stride=args.doc_stride, max_query_length=args.max_query_length, n_best_size=args.n_best_size,
-        max_answer_length=args.max_answer_length, no_answer_threshold=args.no_answer_threshold,
+        accelerator, args.model_name_or_path, tokenizer, load_examples(args),
+        max_seq_length=settings["max_seq_length"], doc_stride=settings["doc_stride"],
+        max_query_length=settings["max_query_length"], n_best_size=settings["n_best_size"],
+        max_answer_length=settings["max_answer_length"], no_answer_threshold=settings["no_answer_threshold"],
         version_2_with_negative=args.version_2_with_negative, eval_batch_size=args.per_device_eval_batch_size,
         warmup_batches=args.warmup_batches, timing_batches=args.timing_batches,
-        num_proc=args.preprocessing_num_workers)
+        num_proc=args.preprocessing_num_workers, model=load_onnx_model(args))
     results["validation_file"] = args.validation_file
+    if args.onnx_file is not None:
+        results["onnx_file"] = args.onnx_file
     if accelerator.is_main_process and args.output_dir:
         save_eval_outputs(args.output_dir, results, predictions, null_odds)
         logger.info("Wrote predictions.json, null_odds.json, eval_results.json to %s", args.output_dir)
@@ -172,7 +214,7 @@ def run_model(args: argparse.Namespace, accelerator: Accelerator) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args, settings = parse_args(argv)
     if args.predictions is not None:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
         results = score_predictions_file(args)
@@ -188,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.output_dir:
         logger.info("No --output_dir: results are printed, not saved.")
-    results = run_model(args, accelerator)
+    results = run_model(args, settings, accelerator)
     if accelerator.is_main_process:
         print(json.dumps(results, indent=2))
     accelerator.end_training()

@@ -72,20 +72,30 @@ def evaluate_model(accelerator: Accelerator, model_name_or_path: str, tokenizer,
                    doc_stride: int, max_query_length: int, n_best_size: int = 20, max_answer_length: int = 30,
                    no_answer_threshold: float = 0.0, version_2_with_negative: bool | None = None,
                    eval_batch_size: int = 32, timing_batch_sizes: tuple[int, ...] = (), warmup_batches: int = 2,
-                   timing_batches: int = 5, num_proc: int | None = None) -> tuple[dict, dict, dict]:
+                   timing_batches: int = 5, num_proc: int | None = None, model=None) -> tuple[dict, dict, dict]:
     """Predict, score and time one model on ``examples`` (same windows for every model compared).
 
     Returns (results, predictions, null_odds) on every process. results: the SQuAD metrics (``exact``, ``f1``,
     ``HasAns_*``, ``NoAns_*``, ``best_*``), ``num_parameters``, ``model_size_on_disk_bytes``, the timing of
     one ``eval_batch_size`` batch (``latency_ms_per_batch_median``, ``throughput_samples_per_s``) and, per size
     b of ``timing_batch_sizes``, ``latency_ms_batch{b}`` and ``throughput_batch{b}`` (features/s).
+
+    ``model``: an already-built model to run instead of loading ``model_name_or_path`` (which then only names it).
+    One that is not a torch module (kd.onnx_qa.OnnxQAModel) is run as it is, only its batches prepared, and
+    reports its own ``num_parameters()`` and ``size_on_disk_bytes()``.
     """
     features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
                                      max_query_length=max_query_length, num_proc=num_proc)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_name_or_path)
-    num_parameters = sum(p.numel() for p in model.parameters())
+    if model is None:
+        model = AutoModelForQuestionAnswering.from_pretrained(model_name_or_path)
     dataloader = make_eval_dataloader(features, eval_batch_size)
-    model, dataloader = accelerator.prepare(model, dataloader)
+    if isinstance(model, torch.nn.Module):
+        num_parameters = sum(p.numel() for p in model.parameters())
+        size_on_disk = model_size_on_disk(model_name_or_path)
+        model, dataloader = accelerator.prepare(model, dataloader)
+    else:  # e.g. an ONNX Runtime session: nothing for Accelerate to place or wrap (DDP needs parameters)
+        num_parameters, size_on_disk = model.num_parameters(), model.size_on_disk_bytes()
+        dataloader = accelerator.prepare(dataloader)
     timing = time_forward(accelerator, model, features, eval_batch_size, warmup_batches, timing_batches)
     for b in timing_batch_sizes:
         t = time_forward(accelerator, model, features, b, warmup_batches, timing_batches)
@@ -98,7 +108,7 @@ def evaluate_model(accelerator: Accelerator, model_name_or_path: str, tokenizer,
         max_answer_length=max_answer_length, version_2_with_negative=version_2_with_negative,
         no_answer_threshold=no_answer_threshold)
     results = {**metrics, "num_parameters": num_parameters,
-               "model_size_on_disk_bytes": model_size_on_disk(model_name_or_path), **timing,
+               "model_size_on_disk_bytes": size_on_disk, **timing,
                "warmup_batches": warmup_batches, "timing_batches": timing_batches,
                "max_seq_length": max_seq_length, "doc_stride": doc_stride, "max_query_length": max_query_length,
                "device": str(accelerator.device), "num_processes": accelerator.num_processes,

@@ -54,11 +54,11 @@ def predict_logits(accelerator, model, dataloader) -> tuple[np.ndarray, np.ndarr
     Rows are in dataset order on every process: ``gather_for_metrics`` collects all processes'
     batches and drops the duplicates the distributed sampler added to even out the last batch.
     ``model`` may be wrapped (DDP etc.); it is only called as ``model(**batch)``.
-    ``accelerator=None``: one process, batches go to the device of the model's first parameter
-    (kd.inference's use: serving needs no distributed state).
+    ``accelerator=None``: one process, batches go to ``model.device`` (transformers models have one), else the
+    CPU (kd.inference's use: serving needs no distributed state).
     """
     if accelerator is None:
-        device = next(model.parameters()).device
+        device = getattr(model, "device", torch.device("cpu"))
         autocast, gather = contextlib.nullcontext, (lambda pair: pair)
         pad = lambda logits: logits  # noqa: E731  (one process: nothing to even out)
     else:
