@@ -24,10 +24,15 @@ Both tiny tokenizers have ``model_max_length`` 512 and the models 512 positions.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# No model hub in tests (nor on CI): in-process code that looks a name up (e.g. a model's qa_settings.json) fails
+# at once instead of waiting on connection retries. Set before anything imports huggingface_hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Make `import kd` work under a bare `pytest` too, not only `python -m pytest` from the root.
