@@ -9,7 +9,10 @@ lower=$(sed -n 's/^transformers>=\([0-9.]*\).*/\1/p' requirements.txt)
 venv=${KD_LOWER_VENV:-/tmp/kd-lower-bound}
 [ -x "$venv/bin/python" ] || python -m venv --system-site-packages "$venv"
 "$venv/bin/python" -m pip install -q "transformers==$lower"
-"$venv/bin/python" -c "import transformers; assert transformers.__version__ == '$lower', transformers.__version__; print('transformers', transformers.__version__)"
+"$venv/bin/python" -c "
+import transformers; from packaging.version import Version
+assert Version(transformers.__version__) == Version('$lower'), transformers.__version__
+print('transformers', transformers.__version__)"
 "$venv/bin/python" -m pytest -q -m "not slow" tests/test_train_prediction.py tests/test_train_task_intermediate.py \
     tests/test_train_general.py tests/test_evaluate_cli.py tests/test_predict.py tests/test_report.py \
     tests/test_haystack.py
