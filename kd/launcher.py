@@ -55,6 +55,12 @@ def _send(processes: list[psutil.Process], signum: int) -> None:
             pass
 
 
+def _died_of(status: int, signals: list[int]) -> bool:
+    """Whether a launcher's exit status says one of ``signals`` ended it: killed by it (-N), or exiting with the
+    shell's 128+N, or with ``sys.exit(-N)`` (256-N; seen from DeepSpeed's torch-elastic agent under load)."""
+    return any(status in (-s, 128 + s, 256 - s) for s in signals if s in FORWARDED)
+
+
 def run(cmd: list[str], poll_s: float = 0.1) -> int:
     """Run ``cmd`` (a launcher command line) to completion, every descendant included; returns the job's status."""
     become_subreaper()
@@ -85,9 +91,10 @@ def run(cmd: list[str], poll_s: float = 0.1) -> int:
             if pid == launcher.pid:
                 launcher_status = code
                 launcher.returncode = code  # reaped here, not by Popen
-                if -code in FORWARDED:  # a preemption signal killed the launcher: its workers must hear it too
-                    pending.append(-code)
-                    received.append(-code)
+                for signum in FORWARDED:  # a preemption signal ended the launcher: its workers must hear it too
+                    if _died_of(code, [signum]):
+                        pending.append(signum)
+                        received.append(signum)
             elif code != 0:
                 worker_failed = True
     finally:
@@ -95,6 +102,6 @@ def run(cmd: list[str], poll_s: float = 0.1) -> int:
             signal.signal(s, handler)
     if launcher_status == 0:
         return 0
-    if received and launcher_status is not None and -launcher_status in FORWARDED and not worker_failed:
+    if received and launcher_status is not None and _died_of(launcher_status, received) and not worker_failed:
         return 0  # the launcher died of the signal; its workers saved and exited cleanly
     return launcher_status if launcher_status is not None else 1
