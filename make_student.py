@@ -15,6 +15,7 @@ import os
 from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
 
 from kd.model_card import write_model_card
+from kd.models import save_weights
 from kd.qa_settings import ANSWER_KEYS, WINDOW_KEYS, load_qa_settings, save_qa_settings
 from kd.records import command_record
 from kd.student import parse_layer_selection, student_from_teacher_layers
@@ -43,7 +44,7 @@ def main(argv=None):
     teacher = auto.from_pretrained(args.teacher_name_or_path)
     student = student_from_teacher_layers(teacher, layers)
     os.makedirs(args.output_dir, exist_ok=True)
-    student.save_pretrained(args.output_dir)
+    save_weights(student, args.output_dir)
     AutoTokenizer.from_pretrained(args.teacher_name_or_path).save_pretrained(args.output_dir)
     # the teacher's windows suit the student (same tokenizer, same positions); its no-answer threshold does not
     windows = {k: v for k, v in load_qa_settings(args.teacher_name_or_path).items() if k in WINDOW_KEYS + ANSWER_KEYS}

@@ -43,6 +43,7 @@ from kd.hub import push_to_hub
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.losses import prediction_distillation_loss
 from kd.model_card import write_model_card
+from kd.models import save_weights
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
 from kd.qa_settings import save_qa_settings, settings_from_args
@@ -195,8 +196,7 @@ def main(argv=None):
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards when DeepSpeed runs
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(args.output_dir, state_dict=state_dict,
-                                                            safe_serialization=True)
+            save_weights(accelerator.unwrap_model(model), args.output_dir, state_dict)
             tokenizer.save_pretrained(args.output_dir)
             # the windows it learnt on and its best no-answer threshold travel with it (predict.py, evaluate.py)
             save_qa_settings(args.output_dir, settings_from_args(args, eval_metrics, args.validation_file))

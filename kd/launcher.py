@@ -92,7 +92,7 @@ def run(cmd: list[str], poll_s: float = 0.1) -> int:
                 launcher_status = code
                 launcher.returncode = code  # reaped here, not by Popen
                 for signum in FORWARDED:  # a preemption signal ended the launcher: its workers must hear it too
-                    if _died_of(code, [signum]):
+                    if _died_of(code, [signum]) and signum not in received:  # (once: not twice what we passed on)
                         pending.append(signum)
                         received.append(signum)
             elif code != 0:

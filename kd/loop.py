@@ -67,8 +67,10 @@ class PreemptionFlag:
         self.signum = signum
 
     def __exit__(self, *exc):
+        # Once signalled, the process only finishes its records and exits: a repeat of the signal (a launcher's
+        # agent and the wrapper may both pass it on, at any moment) must not kill it half-way through them.
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if self.signum is not None else handler)
 
     def describe(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "a signal on another process"

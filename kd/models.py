@@ -70,6 +70,16 @@ def load_teacher(name_or_path: str, accelerator, dtype_choice: str = "auto") -> 
     return teacher.to(device).eval()
 
 
+def save_weights(model, output_dir: str, state_dict: dict | None = None) -> None:
+    """``model.save_pretrained`` (safetensors) under the parameter names the model has.
+
+    transformers 5.x "reverts" the renamings it may apply when loading (save_original_format); under DeepSpeed
+    ZeRO-3 it reverted its legacy LayerNorm ``gamma``/``beta`` one on a BERT loaded with ``weight``/``bias`` keys,
+    writing keys that no other tool reads (seen with 5.24). Our models are saved as they are named.
+    """
+    model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True, save_original_format=False)
+
+
 def export_student(accelerator, model, tokenizer, output_dir: str) -> None:
     """Save the plain student (no projections) and the tokenizer, loadable with from_pretrained, e.g. as
     train_prediction.py's --model_name_or_path.
@@ -84,7 +94,7 @@ def export_student(accelerator, model, tokenizer, output_dir: str) -> None:
     if accelerator.is_main_process:
         prefix = "student."
         student_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        distiller.student.save_pretrained(output_dir, state_dict=student_state, safe_serialization=True)
+        save_weights(distiller.student, output_dir, student_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
