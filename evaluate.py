@@ -123,11 +123,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
         return args, {}
     explicit = {k: getattr(args, k) for k in DEFAULTS}
     try:
-        settings, source = resolve_settings(explicit, load_qa_settings(args.model_name_or_path))
+        settings, _ = resolve_settings(explicit, load_qa_settings(args.model_name_or_path))  # values: results
     except ValueError as err:
         parser.error(str(err))
     kd_args.check_windows(parser, settings)
-    logger.debug("settings %s from %s", settings, source)
     return args, settings
 
 

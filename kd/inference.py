@@ -28,7 +28,7 @@ import torch
 
 from kd.features import prepare_eval_features
 from kd.qa_eval import answer_spans, make_eval_dataloader, predict_logits
-from kd.qa_settings import load_qa_settings, resolve_settings
+from kd.qa_settings import DEFAULTS, load_qa_settings, resolve_settings
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class QuestionAnswerer:
         from kd.features import check_window_args
 
         saved = load_qa_settings(model_name_or_path)
-        unknown = set(settings) - set(resolve_settings({}, {})[0])
+        unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"Unknown setting(s) {sorted(unknown)}.")
         self.settings, self.settings_source = resolve_settings(settings, saved)

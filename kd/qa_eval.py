@@ -57,13 +57,8 @@ def predict_logits(accelerator, model, dataloader) -> tuple[np.ndarray, np.ndarr
     ``accelerator=None``: one process, batches go to ``model.device`` (transformers models have one), else the
     CPU (kd.inference's use: serving needs no distributed state).
     """
-    if accelerator is None:
-        device = getattr(model, "device", torch.device("cpu"))
-        autocast, gather = contextlib.nullcontext, (lambda pair: pair)
-        pad = lambda logits: logits  # noqa: E731  (one process: nothing to even out)
-    else:
-        device, autocast, gather = accelerator.device, accelerator.autocast, accelerator.gather_for_metrics
-        pad = lambda logits: accelerator.pad_across_processes(logits, dim=1, pad_index=_LOGIT_PAD)  # noqa: E731
+    device = accelerator.device if accelerator is not None else getattr(model, "device", torch.device("cpu"))
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     model.eval()
     starts, ends = [], []
     with torch.no_grad():
@@ -71,8 +66,12 @@ def predict_logits(accelerator, model, dataloader) -> tuple[np.ndarray, np.ndarr
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
                 outputs = model(**batch)
-            # Processes may hold windows of different lengths if features were not padded alike.
-            start, end = gather((pad(outputs.start_logits).contiguous(), pad(outputs.end_logits).contiguous()))
+            start, end = outputs.start_logits, outputs.end_logits
+            if accelerator is not None:
+                # Processes may hold windows of different lengths if features were not padded alike.
+                start = accelerator.pad_across_processes(start, dim=1, pad_index=_LOGIT_PAD)
+                end = accelerator.pad_across_processes(end, dim=1, pad_index=_LOGIT_PAD)
+                start, end = accelerator.gather_for_metrics((start.contiguous(), end.contiguous()))
             starts.append(start.float().cpu().numpy())
             ends.append(end.float().cpu().numpy())
     if not starts:
@@ -146,15 +145,15 @@ def _null_positions(features: datasets.Dataset, num_features: int) -> np.ndarray
     return np.argmax(mask != 0, axis=1)
 
 
-def _best_spans_top_k(
+def _top_k_grid(
     start_logits: np.ndarray, end_logits: np.ndarray, in_context: np.ndarray, n_best_size: int, max_answer_length: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best valid (start, end) among each feature's top-``n_best_size`` starts x ends.
+    """Each feature's top-``n_best_size`` starts x ends and the score of every pair (start + end logit).
 
     Valid: both tokens in the context, end >= start, at most ``max_answer_length`` tokens.
 
     Args: logits [N, L] float, in_context [N, L] bool.
-    Returns: start [N], end [N] token indices and score [N] (-inf where no pair was valid).
+    Returns: top_start [N, k], top_end [N, k] token indices, scores [N, k, k] (-inf where the pair is invalid).
     """
     k = min(n_best_size, start_logits.shape[1])
     top_start = np.argsort(-start_logits, axis=1, kind="stable")[:, :k]
@@ -165,7 +164,18 @@ def _best_spans_top_k(
     e_ok = np.take_along_axis(in_context, top_end, axis=1)
     length = top_end[:, None, :] - top_start[:, :, None] + 1  # [N, k, k]
     valid = s_ok[:, :, None] & e_ok[:, None, :] & (length >= 1) & (length <= max_answer_length)
-    scores = np.where(valid, s_logit[:, :, None] + e_logit[:, None, :], -np.inf)
+    return top_start, top_end, np.where(valid, s_logit[:, :, None] + e_logit[:, None, :], -np.inf)
+
+
+def _best_spans_top_k(
+    start_logits: np.ndarray, end_logits: np.ndarray, in_context: np.ndarray, n_best_size: int, max_answer_length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best valid (start, end) of each feature's :func:`_top_k_grid`.
+
+    Returns: start [N], end [N] token indices and score [N] (-inf where no pair was valid).
+    """
+    top_start, top_end, scores = _top_k_grid(start_logits, end_logits, in_context, n_best_size, max_answer_length)
+    k = top_start.shape[1]
     flat_best = scores.reshape(len(scores), -1).argmax(axis=1)
     i, j = np.divmod(flat_best, k)
     rows = np.arange(len(scores))
@@ -302,20 +312,12 @@ def answer_spans(
 def _add_runner_up_spans(out, feature_example, start_logits, end_logits, in_context, char_start, char_end,
                          n_best_size, max_answer_length, top_k) -> None:
     """Extend each entry's ``spans`` (best first) to ``top_k`` distinct character spans, by score."""
+    top_start, top_end, scores = _top_k_grid(start_logits, end_logits, in_context, n_best_size, max_answer_length)
     candidates: dict[int, list[tuple[float, int, int]]] = {}
-    k = min(n_best_size, start_logits.shape[1])
-    for f, e in enumerate(feature_example):
-        if out[e] is None:
-            continue
-        top_start = np.argsort(-start_logits[f], kind="stable")[:k]
-        top_end = np.argsort(-end_logits[f], kind="stable")[:k]
-        length = top_end[None, :] - top_start[:, None] + 1
-        valid = (in_context[f, top_start][:, None] & in_context[f, top_end][None, :]
-                 & (length >= 1) & (length <= max_answer_length))
-        for i, j in zip(*np.nonzero(valid)):
-            s, t = top_start[i], top_end[j]
-            score = float(start_logits[f, s]) + float(end_logits[f, t])
-            candidates.setdefault(e, []).append((score, int(char_start[f, s]), int(char_end[f, t])))
+    for f, e in enumerate(feature_example):  # (a feature's question has a window, so out[e] is not None)
+        for i, j in zip(*np.nonzero(np.isfinite(scores[f]))):
+            s, t = top_start[f, i], top_end[f, j]
+            candidates.setdefault(e, []).append((float(scores[f, i, j]), int(char_start[f, s]), int(char_end[f, t])))
     for e, found in candidates.items():
         spans = out[e]["spans"]
         seen = {(sp["start"], sp["end"]) for sp in spans}
