@@ -21,9 +21,15 @@ Variants (each for every seed; the prediction stage always runs --steps optimize
 - kd_aug: the teacher's soft labels (and gold spans, weight 1 - w) on gold + augmented data;
 - ti_kd_aug: task-intermediate distillation (TinyBERT losses, uniform map) on gold + augmented data for
   --intermediate_steps steps, then kd_aug from it.
+With --wiki_file (after the variants above, so their table comes first):
+- gd_ti_kd_aug: the whole recipe: general distillation of the student init on the Wikipedia text against the
+  pre-trained MiniLM (once, --general_steps steps, seed 0), then ti_kd_aug from it;
+- pre_nokd: a student from the pre-trained encoder's blocks 2, 4, 6 instead of the fine-tuned teacher's, gold
+  spans only (which init a student should start from).
 Results: per variant the dev F1/EM of every seed, mean and std, and a paired bootstrap 95% interval of the F1
-difference to nokd (per question, the same seed's pair, resampled --bootstrap times), into
-benchmarks/results/quality.json and a markdown table printed at the end.
+difference to nokd (per question, the same seed's pair, resampled --bootstrap times); each stage's contribution as
+the same paired difference between the variants that differ by that stage alone (STEPS); into
+benchmarks/results/quality.json and markdown tables printed at the end.
 """
 
 from __future__ import annotations
@@ -45,6 +51,14 @@ from kd.files import write_json_atomic  # noqa: E402
 from kd.squad_metrics import compute_exact, compute_f1  # noqa: E402
 
 PRED_VARIANTS = ("nokd", "kd", "nokd_aug", "kd_aug", "ti_kd_aug")
+WIKI_VARIANTS = ("gd_ti_kd_aug", "pre_nokd")
+# what one stage adds: (name, variant with it, the same variant without it)
+STEPS = (("prediction-layer KD (gold data)", "kd", "nokd"),
+         ("augmented data, no teacher", "nokd_aug", "nokd"),
+         ("augmented data, under KD", "kd_aug", "kd"),
+         ("task-intermediate distillation", "ti_kd_aug", "kd_aug"),
+         ("general distillation", "gd_ti_kd_aug", "ti_kd_aug"),
+         ("init from the fine-tuned teacher (vs the pre-trained encoder)", "nokd", "pre_nokd"))
 # (T, w) candidates, chosen on the held-out set: a balanced mix at T = 1 (Haystack's roberta-base setting is close)
 # and mostly soft labels at T = 2 (where TinyBERT-style training on augmented data lives); two, as CPU time is short
 GRID = ((1.0, 0.5), (2.0, 0.9))
@@ -179,54 +193,96 @@ class Experiment:
             self.prediction(f"kd_s{seed}", student_init, self.paths["train"], seed, teacher, best)
             self.prediction(f"nokd_aug_s{seed}", student_init, self.paths["aug"], seed)
             self.prediction(f"kd_aug_s{seed}", student_init, self.paths["aug"], seed, teacher, best)
-            ti = self.run(f"ti_aug_s{seed}", "train_task_intermediate.py", [
-                "--model_name_or_path", student_init, "--teacher_name_or_path", teacher,
-                "--train_file", self.paths["aug"], "--max_train_steps", str(a.intermediate_steps),
-                "--learning_rate", "1e-4", "--seed", str(seed), "--max_seq_length", str(a.max_seq_length),
-                "--doc_stride", str(a.doc_stride), "--per_device_train_batch_size", str(a.batch_size),
-                "--logging_steps", "20", "--keep_checkpoints", "none"])
+            ti = self.task_intermediate(f"ti_aug_s{seed}", student_init, teacher, seed)
             self.prediction(f"ti_kd_aug_s{seed}", ti, self.paths["aug"], seed, teacher, best)
             result = self.summarize(grid, best)  # after every seed: a stopped experiment has its table so far
+        if not a.wiki_file:
+            return result
+
+        general = self.run("general", "train_general.py", [
+            "--teacher_name_or_path", self.minilm, "--model_name_or_path", student_init,
+            "--train_file", a.wiki_file, "--max_seq_length", "128", "--max_train_steps", str(a.general_steps),
+            "--per_device_train_batch_size", str(a.batch_size), "--learning_rate", "1e-4", "--seed", "0",
+            "--logging_steps", "20", "--keep_checkpoints", "none"])
+        pre_init = self.out("pre_init")
+        if not os.path.isfile(os.path.join(pre_init, "student_origin.json")):
+            subprocess.run([sys.executable, os.path.join(REPO, "make_student.py"), "--teacher_name_or_path",
+                            self.minilm, "--layers", "2,4,6", "--output_dir", pre_init], cwd=REPO, check=True)
+        for seed in a.seeds:
+            ti = self.task_intermediate(f"gd_ti_aug_s{seed}", general, teacher, seed)
+            self.prediction(f"gd_ti_kd_aug_s{seed}", ti, self.paths["aug"], seed, teacher, best)
+            self.prediction(f"pre_nokd_s{seed}", pre_init, self.paths["train"], seed)
+            result = self.summarize(grid, best)
         return result
+
+    def task_intermediate(self, name: str, student: str, teacher: str, seed: int) -> str:
+        a = self.args
+        return self.run(name, "train_task_intermediate.py", [
+            "--model_name_or_path", student, "--teacher_name_or_path", teacher,
+            "--train_file", self.paths["aug"], "--max_train_steps", str(a.intermediate_steps),
+            "--learning_rate", "1e-4", "--seed", str(seed), "--max_seq_length", str(a.max_seq_length),
+            "--doc_stride", str(a.doc_stride), "--per_device_train_batch_size", str(a.batch_size),
+            "--logging_steps", "20", "--keep_checkpoints", "none"])
 
     def summarize(self, grid: dict, best: tuple) -> dict:
         a = self.args
         dev = json.load(open(self.paths["dev"], encoding="utf-8"))
         teacher = json.load(open(os.path.join(self.out("teacher"), "all_results.json")))["eval_metrics"]
-        # seeds whose every variant finished (a stopped experiment still reports what it has; rerun to add the rest)
-        seeds = [s for s in a.seeds if all(os.path.isfile(os.path.join(self.out(f"{v}_s{s}"), "all_results.json"))
-                                           for v in PRED_VARIANTS)]
-        if not seeds:
+
+        def finished(variant, seed):
+            return os.path.isfile(os.path.join(self.out(f"{variant}_s{seed}"), "all_results.json"))
+
+        # the core table: seeds whose every core variant finished (a stopped experiment still reports what it has);
+        # a --wiki_file variant joins with the seeds it has finished
+        core = [s for s in a.seeds if all(finished(v, s) for v in PRED_VARIANTS)]
+        if not core:
             raise SystemExit("no seed has finished every variant yet; rerun to continue")
-        scores = {}
-        for variant in PRED_VARIANTS:
-            for seed in seeds:
-                path = os.path.join(self.out(f"{variant}_s{seed}"), "predictions.json")
-                scores[variant, seed] = per_question_scores(dev, json.load(open(path)))
+        seeds_of = {v: core for v in PRED_VARIANTS}
+        seeds_of.update({v: [s for s in core if finished(v, s)] for v in WIKI_VARIANTS})
+        seeds_of = {v: ss for v, ss in seeds_of.items() if ss}
+        scores = {(v, s): per_question_scores(dev, json.load(open(os.path.join(self.out(f"{v}_s{s}"),
+                                                                                 "predictions.json"))))[1]
+                  for v, ss in seeds_of.items() for s in ss}
+        ems = {(v, s): json.load(open(os.path.join(self.out(f"{v}_s{s}"), "all_results.json")))["eval_metrics"]
+               ["exact"] for v, ss in seeds_of.items() for s in ss}
+
+        def paired(with_, without):
+            """Mean F1 gain of `with_` over `without` on the seeds both finished, and its bootstrap interval."""
+            seeds = [s for s in seeds_of[with_] if s in seeds_of.get(without, [])]
+            x = np.concatenate([scores[with_, s] for s in seeds])
+            y = np.concatenate([scores[without, s] for s in seeds])
+            lo, hi = paired_bootstrap(x, y, a.bootstrap)
+            return {"gain": float(x.mean() - y.mean()), "ci95": [lo, hi], "seeds": seeds}
+
         table = {}
-        for variant in PRED_VARIANTS:
-            f1s = [float(scores[variant, s][1].mean()) for s in seeds]
-            ems = [float(scores[variant, s][0].mean()) for s in seeds]
-            row = {"f1": f1s, "exact": ems, "f1_mean": statistics.mean(f1s),
-                   "f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0, "exact_mean": statistics.mean(ems)}
+        for variant, seeds in seeds_of.items():
+            f1s = [float(scores[variant, s].mean()) for s in seeds]
+            row = {"seeds": seeds, "f1": f1s, "exact": [ems[variant, s] for s in seeds],
+                   "f1_mean": statistics.mean(f1s), "f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
+                   "exact_mean": statistics.mean(ems[variant, s] for s in seeds)}
             if variant != "nokd":
-                both = [(scores[variant, s][1], scores["nokd", s][1]) for s in seeds]
-                lo, hi = paired_bootstrap(np.concatenate([x for x, _ in both]), np.concatenate([y for _, y in both]),
-                                          a.bootstrap)
-                row.update(f1_gain_vs_nokd=row["f1_mean"] - statistics.mean(
-                    float(scores["nokd", s][1].mean()) for s in seeds), f1_gain_ci95=[lo, hi])
+                vs = paired(variant, "nokd")
+                row.update(f1_gain_vs_nokd=vs["gain"], f1_gain_ci95=vs["ci95"])
             table[variant] = row
-        result = {"settings": {k: v for k, v in vars(a).items()}, "seeds_finished": seeds, "teacher": {"exact": teacher["exact"],
-                  "f1": teacher["f1"]}, "selection_heldout_f1": grid, "chosen_T_w": list(best), "variants": table,
+        steps = {name: paired(with_, without) | {"with": with_, "without": without}
+                 for name, with_, without in STEPS if with_ in seeds_of and without in seeds_of}
+        result = {"settings": {k: v for k, v in vars(a).items()}, "seeds_finished": core,
+                  "teacher": {"exact": teacher["exact"], "f1": teacher["f1"]}, "selection_heldout_f1": grid,
+                  "chosen_T_w": list(best), "variants": table, "steps": steps,
                   "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
         write_json_atomic(a.output, result)
         print(f"\nteacher (MiniLM, 6 layers): EM {teacher['exact']:.2f} F1 {teacher['f1']:.2f}; "
               f"chosen T={best[0]:g}, w={best[1]:g} on the held-out set {grid}")
-        print("| variant | F1 mean ± std | EM mean | F1 gain vs nokd [95% CI] |\n|---|---|---|---|")
+        print("| variant | seeds | F1 mean ± std | EM mean | F1 gain vs nokd [95% CI] |\n|---|---|---|---|---|")
         for variant, row in table.items():
             gain = (f"{row['f1_gain_vs_nokd']:+.2f} [{row['f1_gain_ci95'][0]:+.2f}, {row['f1_gain_ci95'][1]:+.2f}]"
                     if "f1_gain_vs_nokd" in row else "–")
-            print(f"| {variant} | {row['f1_mean']:.2f} ± {row['f1_std']:.2f} | {row['exact_mean']:.2f} | {gain} |")
+            print(f"| {variant} | {len(row['seeds'])} | {row['f1_mean']:.2f} ± {row['f1_std']:.2f} | "
+                  f"{row['exact_mean']:.2f} | {gain} |")
+        print("\n| stage | with − without | F1 gain [95% CI] |\n|---|---|---|")
+        for name, step in steps.items():
+            print(f"| {name} | {step['with']} − {step['without']} | {step['gain']:+.2f} "
+                  f"[{step['ci95'][0]:+.2f}, {step['ci95'][1]:+.2f}] |")
         return result
 
 
@@ -248,6 +304,10 @@ def parse_args():
     p.add_argument("--steps", type=int, default=300, help="Optimizer steps of every prediction-stage run.")
     p.add_argument("--intermediate_steps", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--wiki_file", default=None,
+                   help="Raw text for general distillation (e.g. wikipedia_vital_articles_leads.txt); adds the "
+                        "gd_ti_kd_aug and pre_nokd variants.")
+    p.add_argument("--general_steps", type=int, default=600)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--stop_after_minutes", type=float, default=None)
     return p.parse_args()
