@@ -36,8 +36,8 @@ import sys
 import time
 
 from kd.files import write_json_atomic
-from kd.pipeline import (PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, changed_flags, command, finished_marker,
-                         headline, load_recipe, shell_line)
+from kd.pipeline import (PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, argv_flags, changed_flags, command,
+                         finished_marker, headline, load_recipe, shell_line)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -97,9 +97,8 @@ def validate(stages, commands, finished) -> list[str]:
 
 def tokenizer_mismatch(name: str, argv: list[str]) -> list[str]:
     """Student and teacher of a distillation stage must share their vocabulary (checked when both are local)."""
-    def value(flag):
-        return argv[argv.index(flag) + 1] if flag in argv else None
-    student, teacher = value("--model_name_or_path"), value("--teacher_name_or_path")
+    flags = argv_flags(argv)
+    student, teacher = ((flags.get(f) or [None])[0] for f in ("--model_name_or_path", "--teacher_name_or_path"))
     if not (student and teacher and os.path.isdir(student) and os.path.isdir(teacher)):
         return []
     from transformers import AutoTokenizer

@@ -6,6 +6,11 @@ on the same inputs after warm-up (median of --timing_batches runs).
 
     python report.py --models teacher=runs/teacher student_nokd=runs/student_nokd student_kd=runs/student \\
         --validation_file dev-v2.0.json --output_dir runs/report
+    python report.py --pipeline_dir runs/offline --output_dir runs/offline_report   # a pipeline.py output dir
+
+--pipeline_dir takes the models of a pipeline output dir: the teacher its students were distilled from, and the
+finished students (student_nokd, student_kd, and the recipe's own as `student`), with the dev file and windows of
+their stages; flags given beside it override what it takes.
 
 The first model is the reference (the teacher) unless --teacher names another. Writes to --output_dir:
 - report.md: one row per model: EM, F1, HasAns/NoAns F1, best F1 and its no-answer threshold, parameters, size on
@@ -30,6 +35,7 @@ from transformers import AutoTokenizer
 from kd import args as kd_args
 from kd.files import write_json_atomic
 from kd.model_eval import evaluate_model
+from kd.pipeline import RecipeError, report_argv
 from kd.qa_eval import save_eval_outputs
 from kd.records import git_sha
 from kd.squad import SquadFormatError, load_squad
@@ -56,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      parents=[kd_args.window_args(), kd_args.eval_batch_args(), kd_args.answer_args()],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH",
+    parser.add_argument("--models", nargs="+", default=None, metavar="NAME=PATH",
                         help="Models to compare (directories saved with save_pretrained, or hub names).")
+    parser.add_argument("--pipeline_dir", default=None,
+                        help="A pipeline.py output dir: its teacher and finished students, dev file and windows.")
     parser.add_argument("--teacher", default=None, help="The reference model's NAME (default: the first).")
-    parser.add_argument("--validation_file", required=True, help="SQuAD .json file or a datasets name.")
+    parser.add_argument("--validation_file", default=None, help="SQuAD .json file or a datasets name.")
     parser.add_argument("--validation_split", default="validation", help="datasets split (hub datasets only).")
     kd_args.add_dataset_config_name(parser)
     parser.add_argument("--max_eval_samples", type=kd_args.positive_int, default=None)
@@ -72,7 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    pipeline_dir = parser.parse_known_args(argv)[0].pipeline_dir
+    if pipeline_dir:
+        try:  # what the pipeline ran first, so that flags given here come later and win
+            argv = report_argv(pipeline_dir, os.path.dirname(os.path.abspath(__file__))) + argv
+        except RecipeError as err:
+            parser.error(str(err))
     args = parser.parse_args(argv)
+    if not args.models:
+        parser.error("name the models to compare: --models teacher=DIR student=DIR ..., or --pipeline_dir DIR.")
+    if not args.validation_file:
+        parser.error("--validation_file is required (the dev set every model is evaluated on).")
     try:
         models = parse_models(args.models)
     except ValueError as e:

@@ -169,20 +169,61 @@ def finished_marker(stage: str, output_dir: str) -> str:
             }.get(stage, os.path.join(out, "all_results.json"))
 
 
+def argv_flags(argv: list[str]) -> dict[str, list[str]]:
+    """A command line's flags and their values: [..., "--a", "1", "2", "--b"] -> {"--a": ["1", "2"], "--b": []}."""
+    out, key = {}, None
+    for a in argv:
+        if a.startswith("--"):
+            key = a
+            out[key] = []
+        elif key is not None:
+            out[key].append(a)
+    return out
+
+
 def changed_flags(old: list[str], new: list[str]) -> list[str]:
     """The flags whose values differ between two command lines (for the "settings changed" message)."""
-    def flags(argv):
-        out, key = {}, None
-        for a in argv:
-            if a.startswith("--"):
-                key = a
-                out[key] = []
-            elif key is not None:
-                out[key].append(a)
-        return out
-    a, b = flags(old), flags(new)
+    a, b = argv_flags(old), argv_flags(new)
     return [f"{k}: {' '.join(a.get(k, ['(absent)']))} -> {' '.join(b.get(k, ['(absent)']))}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# the QA models of a pipeline output dir that report.py compares, under these names: the recipe's student
+# (prediction) and the comparison students; the teacher is the one the students were distilled from
+REPORT_STUDENTS = (("student_nokd", "student_nokd"), ("student_kd", "student_kd"), ("prediction", "student"))
+REPORT_SETTINGS = ("--validation_file", "--max_seq_length", "--doc_stride", "--max_query_length")
+
+
+def report_argv(output_dir: str, repo: str) -> list[str]:
+    """report.py's arguments for a pipeline output dir: --models with the teacher the finished students were
+    distilled from and those students, and the dev file and windows of the first of them that has one. Stages ran
+    in ``repo``: a relative path there is made absolute (a hub name stays as it is)."""
+    import json
+
+    def local(value):
+        here = os.path.join(repo, value)
+        return here if not os.path.isabs(value) and os.path.exists(here) else value
+
+    try:
+        with open(os.path.join(output_dir, "pipeline.json")) as f:
+            ran = json.load(f)["stages"]
+    except (OSError, ValueError, KeyError) as err:
+        raise RecipeError(f"{output_dir} holds no readable pipeline.json ({err}); pass the output dir of a "
+                          "pipeline.py run, or name the models with --models") from err
+    done = [(name, label, argv_flags(ran[name]["command"])) for name, label in REPORT_STUDENTS
+            if ran.get(name, {}).get("status") == "finished"]
+    teachers = [flags["--teacher_name_or_path"][0] for _, _, flags in done if flags.get("--teacher_name_or_path")]
+    if not teachers:
+        finished = ", ".join(n for n, v in ran.items() if v.get("status") == "finished") or "none"
+        raise RecipeError(f"{output_dir}: no finished prediction or student_kd stage names a teacher "
+                          f"(finished: {finished}); finish one, or name the models with --models")
+    argv = ["--models", f"teacher={local(teachers[0])}", *(f"{label}={os.path.join(output_dir, name)}"
+                                                         for name, label, _ in done)]
+    for flag in REPORT_SETTINGS:
+        value = next((flags[flag] for _, _, flags in done if flags.get(flag)), None)
+        if value:
+            argv += [flag, *(map(local, value) if flag == "--validation_file" else value)]
+    return argv
 
 
 def headline(stage: str, output_dir: str) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -70,8 +72,60 @@ def test_report_table_plot_and_evaluate_agree(tiny_bert_qa_dir, student_dir, squ
     (["--models", "a=x/y", "a=x/z"], "given twice"),
     (["--models", "a=./no_such_dir"], "no such model directory"),
     (["--models", "a=m", "--teacher", "b"], "none of the --models names"),
+    ([], "name the models to compare"),
 ])
 def test_bad_arguments(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         report.parse_args([*argv, "--validation_file", "x.json", "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2 and re.search(re.escape(message), capsys.readouterr().err)
+
+
+def fake_pipeline(out, teacher_dir, student_dir, dev_path, finished=("prediction", "student_nokd")):
+    """A pipeline.py output dir as the report reads it: pipeline.json with the stages' command lines, and the
+    students' model dirs (one and the same tiny student)."""
+    def cmd(stage, teacher=True):
+        argv = ["python", "launch.py", "accelerate", "launch", "train_prediction.py",
+                "--model_name_or_path", "x", "--validation_file", str(dev_path), *map(str, WINDOW),
+                "--output_dir", str(out / stage)]
+        return argv + (["--teacher_name_or_path", str(teacher_dir)] if teacher else [])
+    stages = {"teacher": {"status": "finished", "command": cmd("teacher", teacher=False)},
+              "prediction": {"status": "finished", "command": cmd("prediction")},
+              "student_nokd": {"status": "finished", "command": cmd("student_nokd", teacher=False)},
+              "student_kd": {"status": "failed", "command": cmd("student_kd")}}
+    for name in stages:
+        if name not in finished:
+            stages[name]["status"] = "failed"
+        shutil.copytree(student_dir, out / name)
+    (out / "pipeline.json").write_text(json.dumps({"stages": stages}))
+    return out
+
+
+def test_report_of_a_pipeline_dir(tiny_bert_qa_dir, student_dir, squad_fixture_path, tmp_path):
+    pipe = fake_pipeline(tmp_path / "pipe", tiny_bert_qa_dir, student_dir, squad_fixture_path)
+    out = tmp_path / "report"
+    launch("report.py", ["--pipeline_dir", pipe, "--output_dir", out, "--doc_stride", "32",
+                         "--warmup_batches", 0, "--timing_batches", 1])
+    data = read_json(out / "report.json")
+    # the teacher the students were distilled from, then the finished students (student_kd failed: left out)
+    assert data["models"] == {"teacher": str(tiny_bert_qa_dir), "student_nokd": str(pipe / "student_nokd"),
+                              "student": str(pipe / "prediction")}
+    assert [r["model"] for r in data["rows"]] == ["teacher", "student_nokd", "student"]
+    settings = data["settings"]
+    # the pipeline's dev file and windows, and a flag given beside --pipeline_dir wins
+    assert settings["validation_file"] == str(squad_fixture_path)
+    assert (settings["max_seq_length"], settings["max_query_length"], settings["doc_stride"]) == (128, 32, 32)
+    # the same student twice: the same answers
+    assert read_json(out / "student_nokd" / "predictions.json") == read_json(out / "student" / "predictions.json")
+
+
+def test_pipeline_dir_without_a_distilled_student(tiny_bert_qa_dir, student_dir, squad_fixture_path, tmp_path,
+                                                   capsys):
+    pipe = fake_pipeline(tmp_path / "pipe", tiny_bert_qa_dir, student_dir, squad_fixture_path,
+                         finished=("teacher", "student_nokd"))
+    with pytest.raises(SystemExit) as exit_info:
+        report.parse_args(["--pipeline_dir", str(pipe), "--output_dir", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert "no finished prediction or student_kd stage names a teacher" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.parse_args(["--pipeline_dir", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "r")])
+    assert "no readable pipeline.json" in capsys.readouterr().err
