@@ -21,7 +21,9 @@ Variants (each for every seed; the prediction stage always runs --steps optimize
 - kd_aug: the teacher's soft labels (and gold spans, weight 1 - w) on gold + augmented data;
 - ti_kd_aug: task-intermediate distillation (TinyBERT losses, uniform map) on gold + augmented data for
   --intermediate_steps steps, then kd_aug from it.
-With --wiki_file (after the variants above, so their table comes first):
+With --wiki_file, the extended experiment (after the variants above, so their table comes first):
+- kd_aug_long, nokd_long: kd_aug and nokd for --steps + --intermediate_steps steps: as many optimizer steps as
+  ti_kd_aug takes in all, so that task-intermediate distillation is compared with training longer;
 - gd_ti_kd_aug: the whole recipe: general distillation of the student init on the Wikipedia text against the
   pre-trained MiniLM (once, --general_steps steps, seed 0), then ti_kd_aug from it;
 - pre_nokd: a student from the pre-trained encoder's blocks 2, 4, 6 instead of the fine-tuned teacher's, gold
@@ -51,12 +53,15 @@ from kd.files import write_json_atomic  # noqa: E402
 from kd.squad_metrics import compute_exact, compute_f1  # noqa: E402
 
 PRED_VARIANTS = ("nokd", "kd", "nokd_aug", "kd_aug", "ti_kd_aug")
-WIKI_VARIANTS = ("gd_ti_kd_aug", "pre_nokd")
+EXTRA_VARIANTS = ("kd_aug_long", "nokd_long", "gd_ti_kd_aug", "pre_nokd")
 # what one stage adds: (name, variant with it, the same variant without it)
 STEPS = (("prediction-layer KD (gold data)", "kd", "nokd"),
          ("augmented data, no teacher", "nokd_aug", "nokd"),
          ("augmented data, under KD", "kd_aug", "kd"),
          ("task-intermediate distillation", "ti_kd_aug", "kd_aug"),
+         ("task-intermediate distillation vs as many more KD steps", "ti_kd_aug", "kd_aug_long"),
+         ("the recipe vs as many steps without a teacher", "ti_kd_aug", "nokd_long"),
+         ("more steps without a teacher", "nokd_long", "nokd"),
          ("general distillation", "gd_ti_kd_aug", "ti_kd_aug"),
          ("init from the fine-tuned teacher (vs the pre-trained encoder)", "nokd", "pre_nokd"))
 # (T, w) candidates, chosen on the held-out set: a balanced mix at T = 1 (Haystack's roberta-base setting is close)
@@ -159,9 +164,11 @@ class Experiment:
                 "--include_original", "--seed", "0"], writes=self.paths["aug"])
 
     def prediction(self, name: str, student: str, train: str, seed: int, teacher: str | None = None,
-                   t_w: tuple[float, float] | None = None, validation: str | None = None) -> str:
+                   t_w: tuple[float, float] | None = None, validation: str | None = None,
+                   steps: int | None = None) -> str:
         argv = ["--model_name_or_path", student, "--train_file", train,
-                "--validation_file", validation or self.paths["dev"], "--max_train_steps", str(self.args.steps),
+                "--validation_file", validation or self.paths["dev"],
+                "--max_train_steps", str(steps or self.args.steps),
                 "--learning_rate", str(self.args.learning_rate), "--seed", str(seed), *self.window]
         if teacher:
             argv += ["--teacher_name_or_path", teacher, "--temperature", str(t_w[0]),
@@ -209,6 +216,9 @@ class Experiment:
             subprocess.run([sys.executable, os.path.join(REPO, "make_student.py"), "--teacher_name_or_path",
                             self.minilm, "--layers", "2,4,6", "--output_dir", pre_init], cwd=REPO, check=True)
         for seed in a.seeds:
+            long = a.steps + a.intermediate_steps
+            self.prediction(f"kd_aug_long_s{seed}", student_init, self.paths["aug"], seed, teacher, best, steps=long)
+            self.prediction(f"nokd_long_s{seed}", student_init, self.paths["train"], seed, steps=long)
             ti = self.task_intermediate(f"gd_ti_aug_s{seed}", general, teacher, seed)
             self.prediction(f"gd_ti_kd_aug_s{seed}", ti, self.paths["aug"], seed, teacher, best)
             self.prediction(f"pre_nokd_s{seed}", pre_init, self.paths["train"], seed)
@@ -238,7 +248,7 @@ class Experiment:
         if not core:
             raise SystemExit("no seed has finished every variant yet; rerun to continue")
         seeds_of = {v: core for v in PRED_VARIANTS}
-        seeds_of.update({v: [s for s in core if finished(v, s)] for v in WIKI_VARIANTS})
+        seeds_of.update({v: [s for s in core if finished(v, s)] for v in EXTRA_VARIANTS})
         seeds_of = {v: ss for v, ss in seeds_of.items() if ss}
         scores = {(v, s): per_question_scores(dev, json.load(open(os.path.join(self.out(f"{v}_s{s}"),
                                                                                  "predictions.json"))))[1]
@@ -305,8 +315,8 @@ def parse_args():
     p.add_argument("--intermediate_steps", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--wiki_file", default=None,
-                   help="Raw text for general distillation (e.g. wikipedia_vital_articles_leads.txt); adds the "
-                        "gd_ti_kd_aug and pre_nokd variants.")
+                   help="Raw text for general distillation (e.g. wikipedia_vital_articles_leads.txt): runs the "
+                        "extended experiment (" + ", ".join(EXTRA_VARIANTS) + ").")
     p.add_argument("--general_steps", type=int, default=600)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--stop_after_minutes", type=float, default=None)

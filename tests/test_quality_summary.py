@@ -52,13 +52,15 @@ def test_summary_gains_steps_and_unfinished_seeds(tmp_path):
             fake_run(work, f"{variant}_s{seed}", r + (seed == 2 and variant == "ti_kd_aug"))
     for variant in ("nokd", "kd"):  # seed 3 unfinished: it must not count anywhere
         fake_run(work, f"{variant}_s3", 0)
-    fake_run(work, "gd_ti_kd_aug_s1", 4)  # a --wiki_file variant finished for one seed only
+    fake_run(work, "gd_ti_kd_aug_s1", 4)  # extended variants: one finished for one seed only, one for both
+    for seed in (1, 2):
+        fake_run(work, f"kd_aug_long_s{seed}", 3)
 
     result = exp.summarize({"T=2,w=0.9": 30.0}, (2.0, 0.9))
     assert result == read_json(tmp_path / "quality.json")
     assert result["seeds_finished"] == [1, 2]
     rows = result["variants"]
-    assert list(rows) == ["nokd", "kd", "nokd_aug", "kd_aug", "ti_kd_aug", "gd_ti_kd_aug"]
+    assert list(rows) == ["nokd", "kd", "nokd_aug", "kd_aug", "ti_kd_aug", "kd_aug_long", "gd_ti_kd_aug"]
     assert rows["nokd"]["f1"] == [25.0, 25.0] and "f1_gain_vs_nokd" not in rows["nokd"]
     assert rows["ti_kd_aug"]["f1"] == [75.0, 100.0]
     assert rows["ti_kd_aug"]["f1_mean"] == pytest.approx(87.5)
@@ -67,6 +69,7 @@ def test_summary_gains_steps_and_unfinished_seeds(tmp_path):
     assert rows["gd_ti_kd_aug"]["seeds"] == [1] and rows["gd_ti_kd_aug"]["f1_gain_vs_nokd"] == pytest.approx(75.0)
     steps = result["steps"]
     assert steps["task-intermediate distillation"]["gain"] == pytest.approx(87.5 - 50.0)
+    assert steps["task-intermediate distillation vs as many more KD steps"]["gain"] == pytest.approx(87.5 - 75.0)
     assert steps["general distillation"]["seeds"] == [1]
     assert steps["general distillation"]["gain"] == pytest.approx(25.0)
     assert "init from the fine-tuned teacher (vs the pre-trained encoder)" not in steps  # pre_nokd never ran
