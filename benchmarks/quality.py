@@ -5,7 +5,7 @@
 
 Every run is one of the project's scripts, launched as a user would; each stage is skipped when its output is
 complete (all_results.json / the data file), so the experiment resumes where it stopped. --stop_after_minutes
-ends it cleanly between runs.
+ends it cleanly between runs; --summarize_only writes the results of the runs finished so far.
 
 Data: the first --num_train questions of the training set (whole paragraphs, article order) are the gold data;
 the next --num_heldout questions are a held-out set, used only to choose the temperature T and the weight w;
@@ -194,6 +194,8 @@ class Experiment:
                                   (t, w), validation=self.paths["heldout"])
             grid[f"T={t:g},w={w:g}"] = json.load(open(os.path.join(out, "all_results.json")))["eval_metrics"]["f1"]
         best = max(GRID, key=lambda tw: grid[f"T={tw[0]:g},w={tw[1]:g}"])
+        if a.summarize_only:
+            return self.summarize(grid, best)
 
         for seed in a.seeds:
             self.prediction(f"nokd_s{seed}", student_init, self.paths["train"], seed)
@@ -206,19 +208,19 @@ class Experiment:
         if not a.wiki_file:
             return result
 
-        general = self.run("general", "train_general.py", [
-            "--teacher_name_or_path", self.minilm, "--model_name_or_path", student_init,
-            "--train_file", a.wiki_file, "--max_seq_length", "128", "--max_train_steps", str(a.general_steps),
-            "--per_device_train_batch_size", str(a.batch_size), "--learning_rate", "1e-4", "--seed", "0",
-            "--logging_steps", "20", "--keep_checkpoints", "none"])
         pre_init = self.out("pre_init")
         if not os.path.isfile(os.path.join(pre_init, "student_origin.json")):
             subprocess.run([sys.executable, os.path.join(REPO, "make_student.py"), "--teacher_name_or_path",
                             self.minilm, "--layers", "2,4,6", "--output_dir", pre_init], cwd=REPO, check=True)
-        for seed in a.seeds:
+        for seed in a.seeds:  # the controls first: they say what the table above means
             long = a.steps + a.intermediate_steps
             self.prediction(f"kd_aug_long_s{seed}", student_init, self.paths["aug"], seed, teacher, best, steps=long)
             self.prediction(f"nokd_long_s{seed}", student_init, self.paths["train"], seed, steps=long)
+            general = self.run("general", "train_general.py", [  # once, for every seed
+                "--teacher_name_or_path", self.minilm, "--model_name_or_path", student_init,
+                "--train_file", a.wiki_file, "--max_seq_length", "128", "--max_train_steps", str(a.general_steps),
+                "--per_device_train_batch_size", str(a.batch_size), "--learning_rate", "1e-4", "--seed", "0",
+                "--logging_steps", "20", "--keep_checkpoints", "none"])
             ti = self.task_intermediate(f"gd_ti_aug_s{seed}", general, teacher, seed)
             self.prediction(f"gd_ti_kd_aug_s{seed}", ti, self.paths["aug"], seed, teacher, best)
             self.prediction(f"pre_nokd_s{seed}", pre_init, self.paths["train"], seed)
@@ -276,10 +278,11 @@ class Experiment:
             table[variant] = row
         steps = {name: paired(with_, without) | {"with": with_, "without": without}
                  for name, with_, without in STEPS if with_ in seeds_of and without in seeds_of}
-        result = {"settings": {k: v for k, v in vars(a).items()}, "seeds_finished": core,
+        result = {"settings": {k: v for k, v in vars(a).items() if k != "summarize_only"}, "seeds_finished": core,
                   "teacher": {"exact": teacher["exact"], "f1": teacher["f1"]}, "selection_heldout_f1": grid,
                   "chosen_T_w": list(best), "variants": table, "steps": steps,
-                  "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
+                  "command": "python benchmarks/quality.py " + " ".join(x for x in sys.argv[1:]
+                                                                        if x != "--summarize_only")}
         write_json_atomic(a.output, result)
         print(f"\nteacher (MiniLM, 6 layers): EM {teacher['exact']:.2f} F1 {teacher['f1']:.2f}; "
               f"chosen T={best[0]:g}, w={best[1]:g} on the held-out set {grid}")
@@ -320,6 +323,8 @@ def parse_args():
     p.add_argument("--general_steps", type=int, default=600)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--stop_after_minutes", type=float, default=None)
+    p.add_argument("--summarize_only", action="store_true",
+                   help="Write the results of the runs finished so far and stop (nothing new is trained).")
     return p.parse_args()
 
 
