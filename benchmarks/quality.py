@@ -182,10 +182,7 @@ class Experiment:
             "--model_name_or_path", self.minilm, "--train_file", self.paths["train"],
             "--validation_file", self.paths["dev"], "--num_train_epochs", str(a.teacher_epochs),
             "--learning_rate", "1e-4", "--seed", "0", *self.window])
-        student_init = self.out("student_init")
-        if not os.path.isfile(os.path.join(student_init, "student_origin.json")):
-            subprocess.run([sys.executable, os.path.join(REPO, "make_student.py"), "--teacher_name_or_path", teacher,
-                            "--layers", "2,4,6", "--output_dir", student_init], cwd=REPO, check=True)
+        student_init = self.student("student_init", teacher)
 
         # (T, w) from the held-out questions only
         grid = {}
@@ -208,10 +205,7 @@ class Experiment:
         if not a.wiki_file:
             return result
 
-        pre_init = self.out("pre_init")
-        if not os.path.isfile(os.path.join(pre_init, "student_origin.json")):
-            subprocess.run([sys.executable, os.path.join(REPO, "make_student.py"), "--teacher_name_or_path",
-                            self.minilm, "--layers", "2,4,6", "--output_dir", pre_init], cwd=REPO, check=True)
+        pre_init = self.student("pre_init", self.minilm)
         for seed in a.seeds:  # the controls first: they say what the table above means
             long = a.steps + a.intermediate_steps
             self.prediction(f"kd_aug_long_s{seed}", student_init, self.paths["aug"], seed, teacher, best, steps=long)
@@ -226,6 +220,13 @@ class Experiment:
             self.prediction(f"pre_nokd_s{seed}", pre_init, self.paths["train"], seed)
             result = self.summarize(grid, best)
         return result
+
+    def student(self, name: str, teacher: str) -> str:
+        """The 3-layer student: blocks 2, 4, 6 of ``teacher`` (make_student.py)."""
+        out = self.out(name)
+        return self.run(name, "make_student.py", ["--teacher_name_or_path", teacher, "--layers", "2,4,6",
+                                                  "--output_dir", out],
+                        writes=os.path.join(out, "student_origin.json"))
 
     def task_intermediate(self, name: str, student: str, teacher: str, seed: int) -> str:
         a = self.args
@@ -252,26 +253,25 @@ class Experiment:
         seeds_of = {v: core for v in PRED_VARIANTS}
         seeds_of.update({v: [s for s in core if finished(v, s)] for v in EXTRA_VARIANTS})
         seeds_of = {v: ss for v, ss in seeds_of.items() if ss}
+        # per question (exact, f1) of every run: the means and the paired bootstrap read the same numbers
         scores = {(v, s): per_question_scores(dev, json.load(open(os.path.join(self.out(f"{v}_s{s}"),
-                                                                                 "predictions.json"))))[1]
+                                                                             "predictions.json"))))
                   for v, ss in seeds_of.items() for s in ss}
-        ems = {(v, s): json.load(open(os.path.join(self.out(f"{v}_s{s}"), "all_results.json")))["eval_metrics"]
-               ["exact"] for v, ss in seeds_of.items() for s in ss}
 
         def paired(with_, without):
             """Mean F1 gain of `with_` over `without` on the seeds both finished, and its bootstrap interval."""
             seeds = [s for s in seeds_of[with_] if s in seeds_of.get(without, [])]
-            x = np.concatenate([scores[with_, s] for s in seeds])
-            y = np.concatenate([scores[without, s] for s in seeds])
+            x = np.concatenate([scores[with_, s][1] for s in seeds])
+            y = np.concatenate([scores[without, s][1] for s in seeds])
             lo, hi = paired_bootstrap(x, y, a.bootstrap)
             return {"gain": float(x.mean() - y.mean()), "ci95": [lo, hi], "seeds": seeds}
 
         table = {}
         for variant, seeds in seeds_of.items():
-            f1s = [float(scores[variant, s].mean()) for s in seeds]
-            row = {"seeds": seeds, "f1": f1s, "exact": [ems[variant, s] for s in seeds],
-                   "f1_mean": statistics.mean(f1s), "f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
-                   "exact_mean": statistics.mean(ems[variant, s] for s in seeds)}
+            f1s = [float(scores[variant, s][1].mean()) for s in seeds]
+            ems = [float(scores[variant, s][0].mean()) for s in seeds]
+            row = {"seeds": seeds, "f1": f1s, "exact": ems, "f1_mean": statistics.mean(f1s),
+                   "f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0, "exact_mean": statistics.mean(ems)}
             if variant != "nokd":
                 vs = paired(variant, "nokd")
                 row.update(f1_gain_vs_nokd=vs["gain"], f1_gain_ci95=vs["ci95"])
