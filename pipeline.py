@@ -36,6 +36,7 @@ import sys
 import time
 
 from kd.files import write_json_atomic
+from kd.launcher import error_paragraph
 from kd.pipeline import (PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, argv_flags, changed_flags, command,
                          finished_marker, headline, load_recipe, shell_line)
 
@@ -218,7 +219,10 @@ def main(argv=None) -> int:
                 print(f"pipeline.py: stage {name} stopped on a preemption signal; rerun the same command to continue.")
                 return PREEMPTED_EXIT
             if entry["status"] == "failed":
-                print(f"pipeline.py: stage {name} failed (exit {code}); see {os.path.join(out, name, 'stage.log')}",
+                log = os.path.join(out, name, "stage.log")
+                with open(log, errors="replace") as f:
+                    said = error_paragraph(f.read()[-200_000:])
+                print(f"pipeline.py: stage {name} failed (exit {code}): {said}\n(the whole output: {log})",
                       file=sys.stderr)
                 return 1
     return 0

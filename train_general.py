@@ -51,6 +51,7 @@ from kd.corpus import DatasetCorpus, FileCorpus
 from kd.data import make_train_dataloader
 from kd.hub import push_to_hub
 from kd.intermediate import build_distiller, freeze_unreached_parameters, make_compute_loss
+from kd.launcher import run_worker
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.model_card import write_model_card
 from kd.models import export_student, load_teacher, no_zero3_init, usable_positions
@@ -290,5 +291,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(run_worker(main))

@@ -40,6 +40,7 @@ from kd.checkpoint import CheckpointManager
 from kd.data import TensorDictDataset, make_train_dataloader
 from kd.features import model_input_arrays, prepare_eval_features, prepare_train_features
 from kd.hub import push_to_hub
+from kd.launcher import run_worker
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.losses import prediction_distillation_loss
 from kd.model_card import write_model_card
@@ -49,7 +50,7 @@ from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
 from kd.qa_settings import save_qa_settings, settings_from_args
 from kd.records import run_record, write_outcome, write_record
 from kd.runtime import init_trackers, setup_accelerator, start_run
-from kd.squad import load_squad_splits
+from kd.squad import SquadFormatError, load_squad_splits
 from kd.teacher_cache import teacher_logits
 
 logger = logging.getLogger("train_prediction")
@@ -217,5 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(run_worker(main, bad_input=(SquadFormatError,)))

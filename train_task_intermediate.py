@@ -42,6 +42,7 @@ from kd.features import model_input_arrays, prepare_train_features
 from kd.hub import push_to_hub
 from kd.intermediate import (build_distiller, check_distillation_setup, freeze_outside_encoder,
                              freeze_unreached_parameters, heldout_loss, make_compute_loss)
+from kd.launcher import run_worker
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.model_card import write_model_card
 from kd.models import export_student, load_teacher, no_zero3_init
@@ -49,7 +50,7 @@ from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_
 from kd.qa_settings import save_qa_settings, settings_from_args
 from kd.records import run_record, write_outcome, write_record
 from kd.runtime import init_trackers, setup_accelerator, start_run
-from kd.squad import load_squad_splits
+from kd.squad import SquadFormatError, load_squad_splits
 
 PROBE_ROWS = 2  # windows used to find the parameters the losses cannot reach
 
@@ -208,5 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(run_worker(main, bad_input=(SquadFormatError,)))

@@ -20,15 +20,21 @@ sent to one worker alone reaches all of them that way. The job's status is 0 whe
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
+import re
 import signal
+import stat
 import subprocess
+import sys
+import tempfile
 import time
 
 import psutil
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 PR_SET_CHILD_SUBREAPER = 36
+STATUS_DIR_ENV = "KD_WORKER_STATUS_DIR"  # set by run(): each worker records its exit status there
 
 
 def become_subreaper() -> None:
@@ -61,10 +67,38 @@ def _died_of(status: int, signals: list[int]) -> bool:
     return any(status in (-s, 128 + s, 256 - s) for s in signals if s in FORWARDED)
 
 
+def quiet_accelerate(cmd: list[str]) -> list[str]:
+    """``accelerate launch ...`` with ``--quiet``: without it a failed worker gets a launcher traceback after its own
+    error (accelerate >= 1.16 repeats the worker's whole stderr in it). The worker's real status is kept by
+    :func:`run` all the same, so nothing is lost by silencing the launcher."""
+    names = [os.path.basename(c) for c in cmd[:3]]
+    if names[:2] == ["accelerate", "launch"]:
+        at = 2
+    elif "accelerate.commands.launch" in cmd[:3]:
+        at = cmd.index("accelerate.commands.launch") + 1
+    else:
+        return cmd
+    script = next((i for i in range(at, len(cmd)) if cmd[i].endswith(".py")), len(cmd))
+    return cmd if {"-q", "--quiet"} & set(cmd[at:script]) else [*cmd[:at], "--quiet", *cmd[at:]]
+
+
 def run(cmd: list[str], poll_s: float = 0.1) -> int:
-    """Run ``cmd`` (a launcher command line) to completion, every descendant included; returns the job's status."""
+    """Run ``cmd`` (a launcher command line) to completion, every descendant included; returns the job's status:
+    0, or the first failed worker's own exit status (a launcher reports 1 whatever its worker said)."""
     become_subreaper()
-    env = dict(os.environ, PET_SIGNALS_TO_HANDLE=os.environ.get("PET_SIGNALS_TO_HANDLE", "SIGINT"))
+    status_dir = tempfile.mkdtemp(prefix="kd-worker-status-")
+    env = dict(os.environ, PET_SIGNALS_TO_HANDLE=os.environ.get("PET_SIGNALS_TO_HANDLE", "SIGINT"),
+               **{STATUS_DIR_ENV: status_dir})
+    try:
+        status = _run(quiet_accelerate(cmd), env, poll_s)
+        return 0 if status == 0 else worker_status(status_dir) or status
+    finally:
+        for path in glob.glob(os.path.join(status_dir, "*")):
+            os.unlink(path)
+        os.rmdir(status_dir)
+
+
+def _run(cmd: list[str], env: dict, poll_s: float) -> int:
     launcher = subprocess.Popen(cmd, env=env)
     pending: list[int] = []  # signals received and not yet delivered to any worker
     received: list[int] = []
@@ -105,3 +139,94 @@ def run(cmd: list[str], poll_s: float = 0.1) -> int:
     if received and launcher_status is not None and _died_of(launcher_status, received) and not worker_failed:
         return 0  # the launcher died of the signal; its workers saved and exited cleanly
     return launcher_status if launcher_status is not None else 1
+
+
+# --------------------------------------------------------------------------------------------- the worker's side
+def worker_status(status_dir: str) -> int:
+    """The exit status the first worker to fail recorded in ``status_dir`` (0 when none failed)."""
+    codes = []
+    for path in glob.glob(os.path.join(status_dir, "*.status")):
+        with open(path) as f:
+            codes.append((os.path.getmtime(path), int(f.read().strip() or 1)))
+    failed = sorted(c for c in codes if c[1] != 0)
+    return failed[0][1] if failed else 0
+
+
+def exit_code(code) -> int:
+    """What the interpreter makes of ``SystemExit(code)``: None -> 0, an int -> itself, a message -> 1."""
+    return 0 if code is None else code if isinstance(code, int) else 1
+
+
+def run_worker(main, bad_input: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a script's ``main()``. An exception of a ``bad_input`` type (e.g. kd.squad.SquadFormatError: its
+    message says what is wrong where and how to fix it) is the script's one-paragraph error with status 2, not a
+    traceback; every rank reads the same input, so the first rank alone says it. Under :func:`run` (launch.py)
+    the status is recorded for the wrapper: a launcher turns every failure into 1, and the pipeline tells bad
+    input (2) from a failed run (1) by it."""
+    code = 1
+    try:
+        result = main()
+        code = exit_code(result)
+        return code
+    except SystemExit as err:
+        code = exit_code(err.code)
+        raise
+    except bad_input as err:
+        code = 2
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        status_dir = os.environ.get(STATUS_DIR_ENV)
+        if status_dir and os.path.isdir(status_dir):
+            path = os.path.join(status_dir, f"{os.getpid()}.status")
+            with open(path + ".tmp", "w") as f:
+                f.write(str(code))
+            os.replace(path + ".tmp", path)
+
+
+def untee_stderr() -> None:
+    """accelerate >= 1.16 pipes a single-process (or DeepSpeed) worker's stderr through the launcher, which echoes
+    it and, when the worker fails, raises it all again inside a traceback: every error would reach the user twice.
+    When an ancestor ``accelerate`` process holds the reading end of this process's stderr, write to that
+    ancestor's own stderr instead, as workers did under accelerate <= 1.15. Anything unexpected: leave it be."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(2).st_mode):
+            return
+        ours = os.readlink("/proc/self/fd/2")
+        pid = os.getppid()
+        for _ in range(4):  # accelerate -> (deepspeed / torch launcher) -> worker
+            if pid <= 1:
+                return
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                is_accelerate = b"accelerate" in f.read()
+            fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            if fds.get("2") == ours:  # it shares our stderr: look further up
+                pid = psutil.Process(pid).ppid()
+                continue
+            if is_accelerate and ours in fds.values():
+                sys.stderr.flush()
+                target = os.open(f"/proc/{pid}/fd/2", os.O_WRONLY | os.O_APPEND)
+                os.dup2(target, 2)
+                os.close(target)
+            return
+    except (OSError, psutil.Error):
+        return
+
+
+def error_paragraph(log: str) -> str:
+    """A failed script's own message from its log: the last ``<script>: error: ...`` paragraph, else the last line
+    of the last traceback (the exception), else the last line."""
+    lines = log.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"\S+: error: ", line)]
+    if starts:
+        para = []
+        for line in lines[starts[-1]:]:
+            if not line.strip():
+                break
+            para.append(line)
+        return "\n".join(para)
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    tail = lines[tracebacks[-1]:] if tracebacks else lines
+    exceptions = [line for line in tail if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
+    return exceptions[-1] if exceptions else (lines[-1] if lines else "")
