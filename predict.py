@@ -10,8 +10,9 @@ removed ``pipeline("question-answering")``; in Python use ``kd.inference.Questio
 
 --input_file: a SQuAD JSON file (validated as evaluate.py does: each question has an answers list, [] is fine) or JSON Lines
 (``.jsonl``) of {"id", "question", "context"} (strings; "id" optional, unique; an empty context gets no answer),
-checked whole before the model loads: a bad line is refused as ``FILE:LINE: what is wrong``. --output_file: JSON {"model", "settings", "settings_source", "results": [one per
-question: id, answer, start, end, score, no_answer, null_odds, candidates]}. --predictions_file: {id: answer}, the
+checked whole before the model loads: a bad line is refused as ``FILE:LINE: what is wrong``. --output_file: JSON
+{"model", "settings", "settings_source", "results": [one per question: id, answer, start, end, score, no_answer,
+null_odds, candidates]} (strict JSON: a score that does not exist is null). --predictions_file: {id: answer}, the
 format of evaluate.py's predictions.json (with the same settings the two files are identical). Without
 --output_file the results are printed.
 
