@@ -62,7 +62,8 @@ def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
     for key, value in vars(args).items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if key != "output_dir" and isinstance(item, str) and item:
-                found += [(f"--{key}", path) for path in glob.glob(item) or ([item] if os.path.exists(item) else [])]
+                paths = sorted(glob.glob(item)) or ([item] if os.path.exists(item) else [])
+                found += [(f"--{key}", path) for path in paths]
     return found
 
 
