@@ -20,8 +20,9 @@ windows travel with it) and ``export_report.json``:
 
 Parity beyond ``--atol`` exits with status 1 and a message; nothing is written then. An existing non-empty
 ``--output_dir`` is refused unless ``--overwrite_output_dir``, and even then when it is or holds an input (the model,
-``--validation_file``) or anything a previous export's ``export_report.json`` does not list under ``files``. The export is built in a temp dir beside
-``--output_dir`` and renamed into place once finished, so a crash never leaves a half export that looks whole.
+``--validation_file``) or anything a previous export's ``export_report.json`` does not list under ``files``. The
+export is built in a temp dir beside ``--output_dir`` and renamed into place once finished, so a crash never leaves
+a half export that looks whole.
 
 Evaluate an export like any model (F1 and latency measured the same way as PyTorch's)::
 
