@@ -14,12 +14,15 @@ windows travel with it) and ``export_report.json``:
   ``--max_seq_length`` / ``--doc_stride`` / ``--max_query_length`` override it: the largest absolute difference of
   start and of end logits, ``--atol``, and whether both are within it.
 - ``file_sizes_bytes``: the ONNX files and the PyTorch weights they came from.
+- ``files``: every name the export wrote into the dir (what a later ``--overwrite_output_dir`` may delete).
 - with ``--quantize int8``: EM/F1 of the fp32 and the int8 graph on the same questions through the same evaluation
   (kd.qa_eval.evaluate_qa), and the change.
 
 Parity beyond ``--atol`` exits with status 1 and a message; nothing is written then. An existing non-empty
-``--output_dir`` is refused unless ``--overwrite_output_dir``. The export is built in a temp dir beside
-``--output_dir`` and renamed into place once finished, so a crash never leaves a half export that looks whole.
+``--output_dir`` is refused unless ``--overwrite_output_dir``, and even then when it is or holds an input (the model,
+``--validation_file``) or anything a previous export's ``export_report.json`` does not list under ``files``. The
+export is built in a temp dir beside ``--output_dir`` and renamed into place once finished, so a crash never leaves
+a half export that looks whole.
 
 Evaluate an export like any model (F1 and latency measured the same way as PyTorch's)::
 
@@ -48,6 +51,7 @@ from kd.model_eval import model_size_on_disk
 from kd.onnx_qa import OnnxQAModel, export_qa_onnx, max_abs_logit_diff, onnx_file_bytes, onnx_opset, quantize_int8
 from kd.qa_eval import evaluate_qa, make_eval_dataloader
 from kd.qa_settings import WINDOW_KEYS, load_qa_settings, resolve_settings, save_qa_settings
+from kd.run_dir import input_paths, overwrite_refusal
 from kd.squad import SquadFormatError, load_squad
 
 logger = logging.getLogger("export_onnx")
@@ -98,7 +102,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite_output_dir:
         parser.error(f"--output_dir {out!r} exists and is not empty; pass --overwrite_output_dir to replace it "
                      "(the old contents go only once the new export is finished) or choose another dir.")
+    problem = replace_refusal(out, input_paths(args)) if args.overwrite_output_dir else None
+    if problem:
+        parser.exit(2, f"export_onnx.py: error: {problem}\n")
     return args
+
+
+def replace_refusal(out: str, inputs: list[tuple[str, str]]) -> str | None:
+    """Why the export may not replace ``out`` whole (kd.run_dir.overwrite_refusal), or None: it may when ``out``
+    holds no input and nothing that a previous export's report does not list."""
+    if not os.path.isdir(out):
+        return None
+    try:
+        with open(os.path.join(out, REPORT_FILE)) as f:
+            written = json.load(f).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        written = []
+    return overwrite_refusal(out, inputs, os.listdir(out), written if isinstance(written, list) else [],
+                             f"export_onnx.py (its {REPORT_FILE} does not list them)")
 
 
 def resolve_windows(args: argparse.Namespace, tokenizer) -> tuple[dict, dict]:
@@ -155,13 +176,14 @@ def quantized_quality(accelerator, folder: str, examples, features, settings: di
             "f1_change": scores["int8"]["f1"] - scores["fp32"]["f1"]}
 
 
-def publish(tmp: str, out: str, overwrite: bool) -> None:
+def publish(tmp: str, out: str, overwrite: bool, inputs: list[tuple[str, str]]) -> None:
     """Rename the finished export ``tmp`` to ``out``; an existing ``out`` (allowed by ``overwrite``) is moved aside
     first and deleted last, so at every moment ``out`` is either the old export or the new one, whole."""
     if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:  # it appeared while we were exporting
-            sys.exit(f"export_onnx.py: error: {out} was filled by someone else during the export; rerun with "
-                     "--overwrite_output_dir or another --output_dir.")
+        problem = replace_refusal(out, inputs)  # it may have changed while we were exporting
+        if not overwrite or problem:
+            sys.exit(f"export_onnx.py: error: {out} was filled during the export; "
+                     + (problem or "rerun with --overwrite_output_dir or another --output_dir."))
         old = f"{out}.old-{os.getpid()}"
         os.rename(out, old)
         os.rename(tmp, out)
@@ -207,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
                if os.path.isfile(os.path.join(tmp, f))},
             "pytorch_weights": model_size_on_disk(args.model_name_or_path)}
         report["versions"] = {name: importlib.metadata.version(name) for name in ("torch", "onnx", "onnxruntime")}
+        report["files"] = sorted([*os.listdir(tmp), REPORT_FILE])  # what a later --overwrite_output_dir may delete
         write_json_atomic(os.path.join(tmp, REPORT_FILE), report)
-        publish(tmp, out, args.overwrite_output_dir)
+        publish(tmp, out, args.overwrite_output_dir, input_paths(args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Wrote %s", args.output_dir)

@@ -9,8 +9,10 @@ removed ``pipeline("question-answering")``; in Python use ``kd.inference.Questio
         --output_file answers.json --predictions_file predictions.json --device cuda --dtype bfloat16
 
 --input_file: a SQuAD JSON file (validated as evaluate.py does: each question has an answers list, [] is fine) or JSON Lines
-of {"id", "question", "context"}. --output_file: JSON {"model", "settings", "settings_source", "results": [one per
-question: id, answer, start, end, score, no_answer, null_odds, candidates]}. --predictions_file: {id: answer}, the
+(``.jsonl``) of {"id", "question", "context"} (strings; "id" optional, unique; an empty context gets no answer),
+checked whole before the model loads: a bad line is refused as ``FILE:LINE: what is wrong``. --output_file: JSON
+{"model", "settings", "settings_source", "results": [one per question: id, answer, start, end, score, no_answer,
+null_odds, candidates]} (strict JSON: a score that does not exist is null). --predictions_file: {id: answer}, the
 format of evaluate.py's predictions.json (with the same settings the two files are identical). Without
 --output_file the results are printed.
 
@@ -29,10 +31,10 @@ import sys
 import datasets
 
 from kd import args as kd_args
-from kd.files import write_json_atomic
+from kd.files import write_text_atomic
 from kd.inference import DTYPES, QuestionAnswerer
 from kd.qa_settings import DEFAULTS
-from kd.squad import SquadFormatError, load_squad
+from kd.squad import SquadFormatError, load_squad, read_question_lines
 
 logger = logging.getLogger("predict")
 
@@ -73,51 +75,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def fail(message: str):
+    """A bad input: one line, exit status 2, nothing written."""
+    print(f"predict.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def read_questions(path: str) -> datasets.Dataset:
     """Examples (id, question, context) of a SQuAD JSON file or a JSON Lines file; exits on a bad one."""
     try:
         if path.endswith(".jsonl"):
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        row = json.loads(line)
-                        missing = {"question", "context"} - set(row)
-                        if missing:
-                            raise SquadFormatError(f"{path}:{n}: missing {sorted(missing)}")
-                        rows.append({"id": str(row.get("id", n)), "question": row["question"],
-                                     "context": row["context"]})
-            if not rows:
-                raise SquadFormatError(f"{path}: no questions.")
-            return datasets.Dataset.from_list(rows)
+            return datasets.Dataset.from_list(read_question_lines(path))
         return load_squad(path).select_columns(["id", "question", "context"])
-    except (SquadFormatError, json.JSONDecodeError) as err:
-        sys.exit(f"predict.py: error: {err}")
+    except SquadFormatError as err:
+        fail(str(err))
+
+
+def to_json(obj) -> str:
+    """Strict JSON: a score that is not finite is a bug here, never an ``Infinity`` that JSON readers reject."""
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    examples = read_questions(args.input_file) if args.input_file else None  # bad input fails before the model
     try:
         qa = QuestionAnswerer(args.model_name_or_path, device=args.device, dtype=args.dtype,
                               version_2_with_negative=args.version_2_with_negative,
                               **{k: getattr(args, k) for k in DEFAULTS})
     except ValueError as err:  # a window that does not fit the tokenizer, a broken qa_settings.json
-        sys.exit(f"predict.py: error: {err}")
-    if args.input_file:
-        results = qa.answer_examples(read_questions(args.input_file), top_k=args.top_k,
-                                     batch_size=args.per_device_eval_batch_size)
+        fail(str(err))
+    if examples is not None:
+        results = qa.answer_examples(examples, top_k=args.top_k, batch_size=args.per_device_eval_batch_size)
     else:
         results = qa([args.question], [args.context], top_k=args.top_k, batch_size=args.per_device_eval_batch_size)
     output = {"model": args.model_name_or_path, "settings": qa.settings, "settings_source": qa.settings_source,
               "version_2_with_negative": qa.version_2_with_negative, "results": results}
     if args.predictions_file:
-        write_json_atomic(args.predictions_file, {r["id"]: r["answer"] for r in results})
+        write_text_atomic(args.predictions_file, to_json({r["id"]: r["answer"] for r in results}))
     if args.output_file:
-        write_json_atomic(args.output_file, output)
+        write_text_atomic(args.output_file, to_json(output))
         logger.info("Wrote %d answers to %s", len(results), args.output_file)
     else:
-        print(json.dumps(output, indent=2))
+        print(to_json(output), end="")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from kd.models import export_student, load_teacher, no_zero3_init, usable_positi
 from kd.optim import make_optimizer, make_scheduler, total_and_warmup_steps
 from kd.packing import DataTrace, PackedCorpus, build_packed_corpus
 from kd.records import run_record, write_outcome, write_record
+from kd.run_dir import input_paths
 from kd.runtime import init_trackers, setup_accelerator, start_run
 from kd.streaming import DatasetShardReader, FileShardReader, PackedStream
 from kd.student import parse_layer_selection, student_config_of_size, student_from_teacher_layers
@@ -153,7 +154,7 @@ def main(argv=None):
     run_id = None
     if not args.preprocess_only:  # that only fills the corpus cache: it is no run of its own
         run_id = start_run(accelerator, args.output_dir, resume=args.resume_from_checkpoint is not None,
-                           overwrite=args.overwrite_output_dir)  # another run's dir is refused
+                           overwrite=args.overwrite_output_dir, inputs=input_paths(args))  # another run's: refused
         write_record(accelerator, args.output_dir, "run_config.json",
                      run_record(vars(args), accelerator, run_id=run_id, **resolved))
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -49,6 +49,7 @@ from kd.models import export_student, load_teacher, no_zero3_init
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_settings import save_qa_settings, settings_from_args
 from kd.records import run_record, write_outcome, write_record
+from kd.run_dir import input_paths
 from kd.runtime import init_trackers, setup_accelerator, start_run
 from kd.squad import SquadFormatError, load_squad_splits
 
@@ -90,7 +91,7 @@ def main(argv=None):
     args, resolved = parse_args(argv)
     accelerator = setup_accelerator(args.output_dir, args.seed, args.gradient_accumulation_steps, args.report_to)
     run_id = start_run(accelerator, args.output_dir, resume=args.resume_from_checkpoint is not None,
-                       overwrite=args.overwrite_output_dir)  # another run's dir is refused
+                       overwrite=args.overwrite_output_dir, inputs=input_paths(args))  # another run's dir is refused
     write_record(accelerator, args.output_dir, "run_config.json",
                  run_record(vars(args), accelerator, run_id=run_id, **resolved))
 

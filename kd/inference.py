@@ -15,12 +15,14 @@ with (``qa_settings.json``, kd.qa_settings).
 
 Scores are logits: ``score`` = start + end logit of the span; ``null_odds`` = the no-answer (CLS) score minus the
 best span's. The answer is "" (``no_answer`` true) when null odds exceed the no-answer threshold and no-answers
-are allowed (``version_2_with_negative``: the model's saved setting, else False as in HF's pipeline).
+are allowed (``version_2_with_negative``: the model's saved setting, else False as in HF's pipeline). A context
+with no span to answer from (empty) gets the answer "", ``no_answer`` true and ``score`` / ``null_odds`` None.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import datasets
@@ -95,6 +97,9 @@ class QuestionAnswerer:
     def answer_examples(self, examples: datasets.Dataset, *, top_k: int = 1, batch_size: int = 32) -> list[dict]:
         """Like calling the answerer, for a Dataset with ``id``, ``question`` and ``context`` columns (e.g.
         kd.squad.load_squad's examples)."""
+        if len(set(examples["id"])) != len(examples):
+            raise ValueError("Question ids must be unique: answers are gathered per id, so two questions with one "
+                             "id would share their windows.")
         s = self.settings
         features = prepare_eval_features(examples, self.tokenizer, max_seq_length=s["max_seq_length"],
                                          doc_stride=s["doc_stride"], max_query_length=s["max_query_length"])
@@ -108,8 +113,10 @@ class QuestionAnswerer:
             return {"id": qid, "answer": "", "start": None, "end": None, "score": None, "no_answer": True,
                     "null_odds": None, "candidates": []}
         candidates = [{"text": context[sp["start"]:sp["end"]], **sp} for sp in found["spans"]]
-        no_answer = found["null_odds"] > self.settings["no_answer_threshold"] or not candidates
+        # no span at all (a context of no tokens): the odds are infinite, which JSON cannot hold
+        null_odds = found["null_odds"] if math.isfinite(found["null_odds"]) else None
+        no_answer = not candidates or null_odds is None or null_odds > self.settings["no_answer_threshold"]
         best = None if (no_answer and self.version_2_with_negative) or not candidates else candidates[0]
         return {"id": qid, "answer": best["text"] if best else "", "start": best["start"] if best else None,
                 "end": best["end"] if best else None, "score": best["score"] if best else None,
-                "no_answer": no_answer, "null_odds": found["null_odds"], "candidates": candidates}
+                "no_answer": no_answer, "null_odds": null_odds, "candidates": candidates}

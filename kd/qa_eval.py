@@ -119,7 +119,9 @@ def _offset_arrays(features: datasets.Dataset, seq_len: int) -> tuple[np.ndarray
     lengths = per_feature.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
     per_token = per_feature.flatten()
     valid = per_token.is_valid().to_numpy(zero_copy_only=False)
-    pairs = per_token.drop_null().flatten().to_numpy(zero_copy_only=False).reshape(-1, 2)
+    # no context token in any window (empty contexts): Arrow then types the offsets as null, without pairs
+    pairs = (per_token.drop_null().flatten().to_numpy(zero_copy_only=False).reshape(-1, 2) if valid.any()
+             else np.zeros((0, 2), dtype=np.int64))
     if lengths.max(initial=0) > seq_len:
         raise ValueError(f"Features have up to {lengths.max()} tokens but the logits only {seq_len}.")
     rows = np.repeat(np.arange(len(lengths)), lengths)

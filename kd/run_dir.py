@@ -6,15 +6,22 @@ already holds another run's checkpoints, records or model is refused, unless the
 (``--resume_from_checkpoint``: same id) or replaces it (``--overwrite_output_dir``: the old checkpoints and
 records are deleted first, and a new id is drawn). Modelled on the HF Trainer's and Accelerate's refusal of a
 non-empty output dir.
+
+``--overwrite_output_dir`` deletes only what the tool itself wrote there, and never an input: every script with
+the flag asks :func:`overwrite_refusal` first (training runs: the names of :data:`RUN_OUTPUTS`, theirs when the dir
+has a ``run.json``; export_onnx.py: the whole dir, when its ``export_report.json`` lists every name in it).
 """
 
 from __future__ import annotations
 
+import argparse
+import glob
 import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 
 from kd.files import write_json_atomic
 
@@ -48,15 +55,55 @@ def read_run_id(output_dir: str) -> str | None:
         return None
 
 
-def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
+def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(--flag, path) for every argument but --output_dir that names an existing local file or dir (glob patterns
+    expanded): what a run may read, so what overwriting its output dir must never delete."""
+    found = []
+    for key, value in vars(args).items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if key != "output_dir" and isinstance(item, str) and item:
+                paths = sorted(glob.glob(item)) or ([item] if os.path.exists(item) else [])
+                found += [(f"--{key}", path) for path in paths]
+    return found
+
+
+def overwrite_refusal(output_dir: str, inputs: Iterable[tuple[str, str]], doomed: Iterable[str],
+                      owned: Iterable[str], writer: str) -> str | None:
+    """Why ``--overwrite_output_dir`` may not delete the names ``doomed`` in ``output_dir``, or None when it may.
+
+    Refused: ``output_dir`` is or holds one of ``inputs`` ((--flag, path), e.g. :func:`input_paths`), or a doomed
+    name is not ``owned`` (what the tool's own record in the dir says it wrote; ``writer`` names the tool).
+    """
+    out = os.path.realpath(output_dir)
+    for flag, path in inputs:
+        real = os.path.realpath(path)
+        if os.path.commonpath([out, real]) == out:
+            return (f"--output_dir {output_dir} {'is' if real == out else 'holds'} {flag} {path}, an input of this "
+                    "run, and --overwrite_output_dir would delete it; choose an --output_dir that holds no input.")
+    foreign = sorted(set(doomed) - set(owned))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return (f"--output_dir {output_dir} holds {shown}, not written by {writer}; --overwrite_output_dir deletes "
+                "only what it wrote. Move those away yourself, or choose another --output_dir.")
+    return None
+
+
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool,
+                     inputs: Iterable[tuple[str, str]] = ()) -> None:
     """Raise OutputDirInUseError when ``output_dir`` holds another run and the new one neither resumes nor
-    overwrites it. Reads only: safe on every process before any of them writes."""
+    overwrites it, or when overwriting would delete an input (``inputs``: :func:`input_paths`) or files that no
+    run of ours wrote (no run.json). Reads only: safe on every process before any of them writes."""
     found = run_outputs(output_dir)
     if found and not resume and not overwrite:
         raise OutputDirInUseError(
             f"--output_dir {output_dir} already holds a run ({', '.join(found)}). Pass --resume_from_checkpoint "
             "latest to continue it, --overwrite_output_dir to delete its checkpoints and records and start anew, "
             "or choose another --output_dir.")
+    if overwrite and not resume:
+        ours = found if os.path.isfile(os.path.join(output_dir, RUN_FILE)) else []
+        problem = overwrite_refusal(output_dir, inputs, found, ours, f"a training run (it has no {RUN_FILE})")
+        if problem:
+            raise OutputDirInUseError(problem)
 
 
 def claim_output_dir(output_dir: str, resume: bool, overwrite: bool, script: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 
 import torch
 from accelerate import Accelerator
@@ -72,9 +73,11 @@ def init_trackers(accelerator: Accelerator, project_name: str, run_name: str | N
     accelerator.init_trackers(project_name, config=config, init_kwargs=init_kwargs)
 
 
-def start_run(accelerator: Accelerator, output_dir: str, resume: bool, overwrite: bool) -> str | None:
-    """Claim ``output_dir`` for this run (kd.run_dir): refuse another run's dir unless resuming or overwriting,
-    then record the run. Every process checks before the main one writes; returns the run id on every process."""
+def start_run(accelerator: Accelerator, output_dir: str, resume: bool, overwrite: bool,
+              inputs: Iterable[tuple[str, str]] = ()) -> str | None:
+    """Claim ``output_dir`` for this run (kd.run_dir): refuse another run's dir unless resuming or overwriting
+    (never one that is or holds an input: ``inputs``, kd.run_dir.input_paths), then record the run. Every process
+    checks before the main one writes; returns the run id on every process."""
     import sys
 
     from accelerate.utils import broadcast_object_list
@@ -82,7 +85,7 @@ def start_run(accelerator: Accelerator, output_dir: str, resume: bool, overwrite
     from kd.run_dir import OutputDirInUseError, check_output_dir, claim_output_dir
 
     try:
-        check_output_dir(output_dir, resume, overwrite)
+        check_output_dir(output_dir, resume, overwrite, inputs)
     except OutputDirInUseError as err:
         accelerator.print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

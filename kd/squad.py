@@ -275,6 +275,78 @@ def validate_records(
 # --------------------------------------------------------------------------------------------
 
 
+QUESTION_LINE = 'one JSON object per line: {"id": "...", "question": "...", "context": "..."} ("id" optional)'
+
+
+def read_question_lines(path: str | os.PathLike) -> list[dict]:
+    """Questions to answer from a JSON Lines file, checked as strictly as a SQuAD file's (no answers needed).
+
+    Each non-blank line is an object with string ``question`` and ``context`` (an empty context is allowed: it
+    has no answer) and an optional ``id`` (string or integer; default: the line number); ids are unique.
+
+    Returns:
+        records ``{"id", "question", "context"}`` in file order.
+
+    Raises:
+        SquadFormatError: at the first bad line, as ``FILE:LINE: what is wrong; how to fix it``.
+    """
+    with open(path, "rb") as f:
+        raw_lines = f.read().split(b"\n")
+    records, first_line_of = [], {}
+    for n, raw in enumerate(raw_lines, 1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte order mark is no error
+        except UnicodeDecodeError as err:
+            raise SquadFormatError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                   f"{err.start + 1}); save the file as UTF-8.") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SquadFormatError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); write "
+                                   f"{QUESTION_LINE}.") from None
+        if not isinstance(row, dict):
+            raise SquadFormatError(f"{where}: a JSON {_json_type(row)}, not an object; write {QUESTION_LINE}.")
+        problems = _line_problems(row)
+        if problems:
+            raise SquadFormatError(f"{where}: {', '.join(problems)}; write {QUESTION_LINE}.")
+        qid = str(row.get("id", n))
+        if qid in first_line_of:
+            raise SquadFormatError(f"{where}: id {qid!r} is also the id of line {first_line_of[qid]}; give each "
+                                   "question its own id (answers are keyed by id).")
+        first_line_of[qid] = n
+        records.append({"id": qid, "question": row["question"], "context": row["context"]})
+    if not records:
+        raise SquadFormatError(f"{path}: no questions; write {QUESTION_LINE}.")
+    return records
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _line_problems(row: Mapping) -> list[str]:
+    """What is wrong with the fields of one JSON Lines question (the SQuAD checks less the answers)."""
+    problems = []
+    for field in ("question", "context"):
+        if field not in row:
+            problems.append(f"missing field {field!r}")
+        elif not isinstance(row[field], str):
+            problems.append(f"field {field!r} must be a string, got {_json_type(row[field])}")
+    if isinstance(row.get("question"), str) and not row["question"].strip():
+        problems.append("empty question")
+    qid = row.get("id", 0)
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+        problems.append(f"field 'id' must be a string or an integer, got {_json_type(qid)}")
+    elif qid == "":
+        problems.append("empty id")
+    return problems
+
+
+
 def _is_local_source(source: str) -> bool:
     return source.endswith(".json") or os.path.exists(source)
 

@@ -114,10 +114,13 @@ def source_model(tiny_bert_qa_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_export(source_model, squad_fixture_path, tmp_path_factory):
-    """export_onnx.py --quantize int8 over a stale non-empty dir (--overwrite_output_dir)."""
+    """export_onnx.py --quantize int8 over an older export (--overwrite_output_dir), whose report lists a file
+    that this export does not write: it must go with the rest."""
     out = tmp_path_factory.mktemp("exported") / "student-onnx"
     out.mkdir()
-    (out / "stale.txt").write_text("from an older export")
+    (out / "model.onnx").write_text("from an older export")
+    (out / "vocab.txt").write_text("from an older export")
+    (out / "export_report.json").write_text(json.dumps({"files": ["export_report.json", "model.onnx", "vocab.txt"]}))
     result = run_script("export_onnx.py", "--model_name_or_path", source_model, "--output_dir", out,
                         "--validation_file", squad_fixture_path, "--max_eval_samples", CLI_QUESTIONS,
                         "--quantize", "int8", "--overwrite_output_dir")
@@ -138,6 +141,7 @@ def test_cli_writes_a_self_contained_export(cli_export, source_model):
         AutoTokenizer.from_pretrained(source_model)("Who?", "Me.")["input_ids"]
     report = read_json(out / "export_report.json")
     assert json.loads(result.stdout) == report
+    assert report["files"] == sorted(p.name for p in out.iterdir())  # what a later overwrite may delete
     assert report["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert report["windows"] == WINDOWS  # from the model's qa_settings.json
     sizes = report["file_sizes_bytes"]
@@ -194,6 +198,57 @@ def test_cli_refuses_a_non_empty_output_dir(source_model, tmp_path, capsys):
     assert "exists and is not empty; pass --overwrite_output_dir" in capsys.readouterr().err
     assert (out / "model.onnx").read_text() == "someone's earlier export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # refused before any temp dir
+
+
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("model_inside", "holds --model_name_or_path"),
+    ("validation_file_inside", "holds --validation_file"),
+    ("foreign_files", "holds notes.txt, not written by export_onnx.py"),
+    ("export_plus_foreign", "holds notes.txt, not written by export_onnx.py"),
+])
+def test_cli_overwrite_never_deletes_an_input_or_what_it_did_not_write(source_model, squad_fixture_path, tmp_path,
+                                                                       capsys, layout, message):
+    """--overwrite_output_dir replaces the dir whole: refused (exit 2, one line, nothing touched) when that would
+    delete the model, the questions, or files that no export wrote."""
+    import export_onnx
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    model, questions = source_model, squad_fixture_path
+    if layout == "model_inside":
+        model = shutil.copytree(source_model, out / "student")
+    elif layout == "validation_file_inside":
+        questions = shutil.copy(squad_fixture_path, out / "dev.json")
+    elif layout == "export_plus_foreign":
+        (out / "model.onnx").write_text("an older export")
+        (out / "export_report.json").write_text(json.dumps({"files": ["export_report.json", "model.onnx"]}))
+    before = _tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        export_onnx.main(["--model_name_or_path", str(model), "--output_dir", str(out), "--validation_file",
+                          str(questions), "--max_eval_samples", "4", "--overwrite_output_dir"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("export_onnx.py: error: --output_dir") and message in err[0]
+    assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_publish_rechecks_a_dir_filled_during_the_export(tmp_path):
+    """Files that appear in --output_dir while the export runs are not replaced even with --overwrite_output_dir."""
+    import export_onnx
+
+    tmp, out = tmp_path / "export.tmp", tmp_path / "export"
+    tmp.mkdir()
+    (tmp / "model.onnx").write_text("new")
+    out.mkdir()
+    (out / "notes.txt").write_text("someone's")
+    with pytest.raises(SystemExit, match="filled during the export.*notes.txt"):
+        export_onnx.publish(str(tmp), str(out), True, [])
+    assert (out / "notes.txt").read_text() == "someone's" and (tmp / "model.onnx").exists()
 
 
 def test_evaluate_onnx_file_scores_and_times_like_pytorch(cli_export, source_model, squad_fixture_path, tmp_path):

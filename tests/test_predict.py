@@ -102,3 +102,57 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_predict().parse_args(["--model_name_or_path", "m", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+GOOD_LINE = json.dumps({"id": "a", "question": "Who gave their name?",
+                        "context": "The Normans were the people who gave their name to Normandy."})
+
+
+@pytest.mark.parametrize("lines, bad_line, message", [
+    ([GOOD_LINE, json.dumps({"id": "a", "question": "Where?", "context": "Short context."})], 2,
+     "id 'a' is also the id of line 1"),
+    ([GOOD_LINE, '{"id": "b", "question": "Where?"'], 2, "not valid JSON"),
+    ([GOOD_LINE, json.dumps({"id": "b", "question": None, "context": "c"})], 2, "'question' must be a string"),
+    ([json.dumps({"id": "b", "question": "q", "context": 14})], 1, "'context' must be a string, got number"),
+    ([GOOD_LINE, "", "5"], 3, "a JSON number, not an object"),
+    ([json.dumps({"question": "q"})], 1, "missing field 'context'"),
+    ([GOOD_LINE, '{"id": "b", "question": "Qui?", "context": "Caf\u00e9"}'.encode("latin-1")], 2, "not UTF-8"),
+])
+def test_bad_json_lines_are_one_line_errors_naming_file_and_line(model_with_settings, tmp_path, capsys, lines,
+                                                                 bad_line, message):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as exit_info:
+        load_predict().main(["--model_name_or_path", str(model_with_settings), "--input_file", str(path),
+                             "--device", "cpu", "--output_file", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and not out.exists()
+    assert len(err) == 1 and err[0].startswith(f"predict.py: error: {path}:{bad_line}: ") and message in err[0]
+
+
+def test_empty_context_has_no_answer_and_the_output_is_strict_json(model_with_settings, tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join([json.dumps({"id": "empty", "question": "Who?", "context": ""}), GOOD_LINE]) + "\n")
+    out = tmp_path / "out.json"
+    load_predict().main(["--model_name_or_path", str(model_with_settings), "--input_file", str(path), "--device",
+                         "cpu", "--output_file", str(out), "--no-version_2_with_negative"])
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    empty, good = json.loads(out.read_text(), parse_constant=refuse)["results"]
+    assert empty == {"id": "empty", "answer": "", "start": None, "end": None, "score": None, "no_answer": True,
+                     "null_odds": None, "candidates": []}
+    assert good["id"] == "a" and good["answer"] and good["null_odds"] is not None  # answered as before
+
+
+def test_all_contexts_empty(model_with_settings):
+    qa = QuestionAnswerer(str(model_with_settings), device="cpu")
+    assert [r["answer"] for r in qa(["Who?", "What?"], ["", "  "])] == ["", ""]
+
+
+def test_duplicate_ids_are_refused_not_merged(model_with_settings):
+    qa = QuestionAnswerer(str(model_with_settings), device="cpu")
+    with pytest.raises(ValueError, match="unique"):
+        qa(["Who?", "Where?"], ["Short context.", "The Normans gave their name to Normandy."], ids=["a", "a"])

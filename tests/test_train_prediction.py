@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,6 +301,50 @@ def test_invalid_distillation_arguments(student_dir, tiny_bert_qa_dir, squad_fix
                                                         tmp_path, *extra))))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not os.listdir(tmp_path)  # rejected before anything was written
+
+
+def _tree(root) -> dict:
+    return {os.path.relpath(p, root): open(p, "rb").read() for p in glob.glob(f"{root}/**", recursive=True)
+            if os.path.isfile(p)}
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("output_is_the_student", "is --model_name_or_path"),  # a finished run's dir, trained on from itself
+    ("output_holds_the_student", "holds --model_name_or_path"),
+    ("output_holds_a_foreign_model", "not written by a training run (it has no run.json)"),
+])
+def test_overwrite_never_deletes_an_input_or_what_no_run_wrote(student_dir, squad_fixture_path, tmp_path, layout,
+                                                               message):
+    from kd.run_dir import claim_output_dir
+
+    runs = tmp_path / "runs"
+    student = shutil.copytree(student_dir, runs / "student")
+    claim_output_dir(str(student), resume=False, overwrite=False, script="train_prediction.py")  # a run's output
+    out = {"output_is_the_student": student, "output_holds_the_student": runs,
+           "output_holds_a_foreign_model": tmp_path / "downloaded"}[layout]
+    if layout == "output_holds_a_foreign_model":
+        shutil.copytree(student_dir, out)  # config.json, model.safetensors, no run.json
+    before = _tree(tmp_path)
+    proc = launch("train_prediction.py", _args(student, None, squad_fixture_path, out, tmp_path / "cache",
+                                               "--max_train_steps", "1", "--overwrite_output_dir"), check=False)
+    assert proc.returncode != 0
+    assert f"train_prediction.py: error: --output_dir {out}" in proc.stderr and message in proc.stderr
+    assert _tree(tmp_path) == before  # nothing deleted, nothing written
+
+
+def test_input_paths_are_the_local_files_and_dirs_of_the_arguments(tmp_path):
+    import argparse
+
+    from kd.run_dir import input_paths
+
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("x")
+    args = argparse.Namespace(output_dir=str(tmp_path), model_name_or_path=str(tmp_path / "a.txt"),
+                              teacher_name_or_path="some/hub-model", corpus_files=[str(tmp_path / "*.txt")],
+                              seed=3, run_name=None)
+    assert input_paths(args) == [("--model_name_or_path", str(tmp_path / "a.txt")),
+                                 ("--corpus_files", str(tmp_path / "a.txt")),
+                                 ("--corpus_files", str(tmp_path / "b.txt"))]
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tiny_roberta_qa_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path):
