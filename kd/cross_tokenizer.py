@@ -164,3 +164,24 @@ def _only(segment: np.ndarray, position: int) -> np.ndarray:
     out = np.full_like(segment, PAD)
     out[position] = segment[position]
     return out
+
+
+ALIGNMENT_RULE = ("character offsets (kd.cross_tokenizer): starts to the student token holding the teacher token's "
+                  "first character, ends its last; no-answer to no-answer; the student window's primary teacher "
+                  "window shares most context with it, other context from the window where it has most context; "
+                  "mass outside the student window dropped, the rest renormalised")
+
+
+def cross_tokenizer_targets(teacher_start: np.ndarray, teacher_end: np.ndarray, examples, teacher_tokenizer,
+                            teacher_window: dict, student_tokenizer, student_window: dict,
+                            temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's start/end logits [Nt, Lt] on its own windows -> equivalent logits [Ns, Ls] on the student's
+    (windows: kd.features.prepare_train_features settings of each, the same examples in the same order)."""
+    from kd.features import prepare_alignment_features
+
+    teacher = prepare_alignment_features(examples, teacher_tokenizer, **teacher_window)
+    student = prepare_alignment_features(examples, student_tokenizer, **student_window)
+    if teacher["segment"].shape != teacher_start.shape:
+        raise ValueError(f"teacher logits {teacher_start.shape} do not match its windows {teacher['segment'].shape}")
+    return (project_targets(teacher_start, teacher, student, temperature, for_starts=True),
+            project_targets(teacher_end, teacher, student, temperature, for_starts=False))
