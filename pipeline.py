@@ -76,7 +76,7 @@ def unknown_flags(stage, module) -> list[str]:
 
 def validate(stages, commands, finished) -> list[str]:
     """Every problem found without running a stage: unknown flags; for stages whose inputs exist now, their
-    script's own argument checks and whether student and teacher tokenize alike."""
+    script's own argument checks and, for intermediate-layer stages, whether student and teacher tokenize alike."""
     problems, modules = [], {}
     for name, stage in stages.items():
         if stage.use:
@@ -92,12 +92,14 @@ def validate(stages, commands, finished) -> list[str]:
                 module.parse_args(argv)
         except SystemExit:
             problems.append(f"stage {name}: {err.getvalue().strip().splitlines()[-1]}")
-        problems += tokenizer_mismatch(name, argv)
+        if stage.script != "train_prediction.py":  # prediction-layer distillation takes any teacher's tokenizer
+            problems += tokenizer_mismatch(name, argv)
     return problems
 
 
 def tokenizer_mismatch(name: str, argv: list[str]) -> list[str]:
-    """Student and teacher of a distillation stage must share their vocabulary (checked when both are local)."""
+    """Student and teacher of an intermediate-layer stage must share their vocabulary (checked when both are
+    local)."""
     flags = argv_flags(argv)
     student, teacher = ((flags.get(f) or [None])[0] for f in ("--model_name_or_path", "--teacher_name_or_path"))
     if not (student and teacher and os.path.isdir(student) and os.path.isdir(teacher)):

@@ -35,7 +35,8 @@ import numpy as np
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from kd import args as kd_args
-from kd.compat import assert_same_tokenization
+from kd.compat import tokenization_difference
+from kd.cross_tokenizer import ALIGNMENT_RULE, cross_tokenizer_targets
 from kd.checkpoint import CheckpointManager
 from kd.data import TensorDictDataset, make_train_dataloader
 from kd.features import model_input_arrays, prepare_eval_features, prepare_train_features
@@ -74,10 +75,12 @@ def parse_args(argv=None):
     kd_args.check_training(parser, args)
     kd_args.check_squad_data(parser, args)
     kd_args.check_windows(parser, args)
-    kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path,
-                           "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
+    window = kd_args.teacher_window(parser, args)
+    kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path}, args.max_seq_length)
+    kd_args.check_models(parser, {"--teacher_name_or_path": args.teacher_name_or_path}, window["max_seq_length"])
     weight = kd_args.check_prediction_distillation(parser, args)  # 0 without a teacher: gold spans only
-    return args, {"distillation_loss_weight": weight, "hub_model_id": kd_args.check_hub(parser, args)}
+    return args, {"distillation_loss_weight": weight, "hub_model_id": kd_args.check_hub(parser, args),
+                  "teacher_window": window}
 
 
 def main(argv=None):
@@ -110,14 +113,29 @@ def main(argv=None):
     teacher_info = {}
     if args.teacher_name_or_path:
         teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher_name_or_path)
-        assert_same_tokenization(args.model_name_or_path, tokenizer, args.teacher_name_or_path, teacher_tokenizer,
-                                 train_examples, lambda ex, tok: prepare_train_features(ex, tok, **window))
+        teacher_window = {**window, **resolved["teacher_window"]}
+        differs = tokenization_difference(tokenizer, teacher_tokenizer, train_examples, window, teacher_window)
+        if differs is None:  # the teacher sees the student's own windows: its logits are the targets as they are
+            teacher_inputs = inputs
+        else:  # its own windows; its distributions are carried onto the student's tokens (kd.cross_tokenizer)
+            with accelerator.main_process_first():
+                teacher_inputs = model_input_arrays(prepare_train_features(train_examples, teacher_tokenizer,
+                                                                           **teacher_window))
         start, end, teacher_info = teacher_logits(
-            accelerator, args.teacher_name_or_path, inputs, cache_dir=args.teacher_cache_dir,
+            accelerator, args.teacher_name_or_path, teacher_inputs, cache_dir=args.teacher_cache_dir,
             batch_size=args.per_device_eval_batch_size, dtype_choice=args.teacher_dtype)
-        columns.update(teacher_start_logits=start, teacher_end_logits=end)
         accelerator.print(f"teacher logits: {'cache hit' if teacher_info['teacher_cache_hit'] else 'computed'} "
                           f"({teacher_info['teacher_cache_dir']})")
+        if differs is not None:
+            accelerator.print(f"the teacher tokenizes differently ({differs}): its start/end distributions at "
+                              f"T = {args.temperature} are carried onto the student's tokens by character offsets")
+            start, end = cross_tokenizer_targets(start, end, train_examples, teacher_tokenizer, teacher_window,
+                                                 tokenizer, window, args.temperature)
+            teacher_info.update(teacher_tokenization="differs from the student's: " + differs,
+                                teacher_target_alignment=ALIGNMENT_RULE)
+            write_record(accelerator, args.output_dir, "run_config.json",  # the start's record, now with this
+                         run_record(vars(args), accelerator, run_id=run_id, **resolved, **teacher_info))
+        columns.update(teacher_start_logits=start, teacher_end_logits=end)
 
     # ---------------------------------------------------------------- student, optimizer, prepare
     model = AutoModelForQuestionAnswering.from_pretrained(args.model_name_or_path)

@@ -36,7 +36,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from kd import args as kd_args
 from kd.checkpoint import CheckpointManager
-from kd.compat import assert_same_tokenization
+from kd.compat import TokenizerMismatchError, assert_same_tokenization
 from kd.data import TensorDictDataset, make_train_dataloader
 from kd.features import model_input_arrays, prepare_train_features
 from kd.hub import push_to_hub
@@ -106,7 +106,7 @@ def main(argv=None):
             skip_invalid=args.skip_invalid, max_train_samples=args.max_train_samples,
             max_eval_samples=args.max_eval_samples)
         assert_same_tokenization(args.model_name_or_path, tokenizer, args.teacher_name_or_path, teacher_tokenizer,
-                                 train_examples, lambda ex, tok: prepare_train_features(ex, tok, **window))
+                                 train_examples, window)
         inputs = model_input_arrays(prepare_train_features(train_examples, tokenizer, **window))
         eval_inputs = (model_input_arrays(prepare_train_features(eval_examples, tokenizer, **window))
                        if eval_examples else None)
@@ -210,4 +210,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_worker(main, bad_input=(SquadFormatError,)))
+    sys.exit(run_worker(main, bad_input=(SquadFormatError, TokenizerMismatchError)))

@@ -266,7 +266,21 @@ def prediction_distillation_args() -> argparse.ArgumentParser:
     g.add_argument("--teacher_cache_dir", default=None,
                    help="Where teacher logits are cached (default: $KD_CACHE/teacher_logits or "
                         "~/.cache/kd-qa/teacher_logits).")
+    for name, what in (("max_seq_length", "window length"), ("doc_stride", "window overlap"),
+                       ("max_query_length", "question length")):
+        g.add_argument(f"--teacher_{name}", type=positive_int, default=None,
+                       help=f"The teacher's own {what} in tokens (default: the student's --{name}). A teacher "
+                            "whose tokenization differs from the student's runs on its own windows; its "
+                            "distributions are carried onto the student's tokens through character offsets.")
     return parser
+
+
+def teacher_window(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The teacher's window settings: its own --teacher_* values, else the student's; checked like the student's."""
+    window = {name: getattr(args, f"teacher_{name}") or getattr(args, name)
+              for name in ("max_seq_length", "doc_stride", "max_query_length")}
+    check_windows(parser, window)
+    return window
 
 
 def check_prediction_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> float:

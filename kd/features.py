@@ -211,6 +211,44 @@ def _eval_batch(examples, tokenizer, max_seq_length, doc_stride, max_query_lengt
     return {**encoded, "example_id": example_ids, "offset_mapping": context_offsets}
 
 
+def _align_batch(examples, indices, tokenizer, max_seq_length, doc_stride, max_query_length) -> dict:
+    """Batched ``map`` function: examples -> each window's token alignment (kd.cross_tokenizer)."""
+    encoded, sample_of, all_offsets = _tokenize_windows(
+        examples, tokenizer, max_seq_length, doc_stride, max_query_length
+    )
+    context_id = _context_sequence_id(tokenizer)
+    segments, starts, ends, cls = [], [], [], []
+    for i, offsets in enumerate(all_offsets):
+        mask = encoded["attention_mask"][i]
+        segments.append([-2 if not m else -1 if s is None else int(s == context_id)
+                         for s, m in zip(encoded.sequence_ids(i), mask)])
+        starts.append([o[0] for o in offsets])
+        ends.append([o[1] for o in offsets])
+        cls.append(_cls_index(encoded["input_ids"][i], mask, tokenizer.cls_token_id))
+    return {"example_index": [indices[j] for j in sample_of], "segment": segments, "char_start": starts,
+            "char_end": ends, "cls_index": cls}
+
+
+def prepare_alignment_features(dataset: datasets.Dataset, tokenizer, max_seq_length: int = 384,
+                               doc_stride: int = 128, max_query_length: int = 64,
+                               num_proc: int | None = None) -> dict[str, np.ndarray]:
+    """Examples -> the token alignment of each training window (same windows, same order), as arrays.
+
+    Returns ``example_index`` [N] (row of ``dataset``), ``cls_index`` [N], and per token [N, max_seq_length]:
+    ``segment`` (0 question, 1 context, -1 special, -2 padding), ``char_start`` / ``char_end`` (offsets into the
+    question or the context). What kd.cross_tokenizer aligns two tokenizers' windows by.
+    """
+    _require_fast(tokenizer)
+    check_window_args(tokenizer, max_seq_length, doc_stride, max_query_length)
+    fn = functools.partial(_align_batch, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                           doc_stride=doc_stride, max_query_length=max_query_length)
+    table = dataset.map(fn, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                        num_proc=num_proc, desc="Aligning windows").with_format("numpy")
+    types = {"example_index": np.int64, "cls_index": np.int64, "segment": np.int8, "char_start": np.int32,
+             "char_end": np.int32}
+    return {name: np.asarray(table[name], dtype=dtype) for name, dtype in types.items()}
+
+
 def _map_windows(batch_fn, desc, dataset, tokenizer, max_seq_length, doc_stride, max_query_length, num_proc):
     """The one implementation behind ``prepare_*_features``: check, then ``map`` ``batch_fn``."""
     _require_fast(tokenizer)

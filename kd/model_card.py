@@ -282,6 +282,11 @@ def settings_section(record: dict) -> str:
         projections = [k for k in ("hidden_projection", "embedding_projection") if distiller.get(k)]
         if projections:
             items.append("- trained projections (widths differ; not exported): " + ", ".join(projections))
+    if record.get("teacher_tokenization"):
+        window = record.get("teacher_window") or {}
+        items.append(f"- teacher tokenization: {record['teacher_tokenization']}; the teacher ran on its own windows "
+                     f"({', '.join(f'{k}={v}' for k, v in window.items())}) and its distributions were aligned by "
+                     f"{record.get('teacher_target_alignment')}")
     if record.get("teacher_dtype"):
         items.append(f"- teacher precision: {record['teacher_dtype']}")
     if "learning_rate" in args:

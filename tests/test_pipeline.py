@@ -152,3 +152,21 @@ def test_recipe_errors_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_pa
         load_recipe(recipe, ["distill.temperature=2"])
     with pytest.raises(RecipeError, match="set by the pipeline"):
         load_recipe(recipe, ["prediction.output_dir=x"])
+
+
+def test_a_prediction_stage_distils_across_tokenizers(tiny_bert_qa_dir, tiny_roberta_qa_dir, tmp_path):
+    """A WordPiece teacher used as is, a byte-level BPE student: the recipe check lets it through and the stage
+    trains on the carried distributions."""
+    recipe = tmp_path / "cross.yaml"
+    fixture = str(FIXTURES_DIR / "squad_v2_dev_slice.json")
+    recipe.write_text(yaml.safe_dump({"launch": "accelerate_configs/cpu.yaml", "stages": {
+        "teacher": {"use": str(tiny_bert_qa_dir)},
+        "prediction": {"model_name_or_path": str(tiny_roberta_qa_dir), "teacher_name_or_path": "${teacher}",
+                       "train_file": fixture, "max_train_steps": 2, "max_train_samples": 16,
+                       "per_device_train_batch_size": 8, "temperature": 2, "teacher_max_seq_length": 160,
+                       **WINDOW}}}))
+    out = tmp_path / "run"
+    _run("--recipe", recipe, "--output_dir", out)
+    results = read_json(out / "prediction" / "all_results.json")
+    assert results["status"] == "finished" and results["teacher_tokenization"].startswith("differs")
+    assert read_json(out / "pipeline.json")["stages"]["prediction"]["status"] == "finished"

@@ -44,8 +44,8 @@ def test_offline_recipe_chains_every_stage():
 def test_flags_of_a_command_line_and_tokenizer_check(tiny_roberta_qa_dir, tiny_bert_qa_dir):
     assert argv_flags(["py", "s.py", "--a", "1", "2", "--b", "--c", "x"]) == {"--a": ["1", "2"], "--b": [], "--c": ["x"]}
     student = ["s.py", "--model_name_or_path", str(tiny_roberta_qa_dir), "--teacher_name_or_path"]
-    problems = pipeline.tokenizer_mismatch("prediction", student + [str(tiny_bert_qa_dir)])
-    assert len(problems) == 1 and "stage prediction: the student" in problems[0]
+    problems = pipeline.tokenizer_mismatch("task_intermediate", student + [str(tiny_bert_qa_dir)])
+    assert len(problems) == 1 and "stage task_intermediate: the student" in problems[0]
     assert "tokenize differently" in problems[0]
-    assert pipeline.tokenizer_mismatch("prediction", student + [str(tiny_roberta_qa_dir)]) == []
-    assert pipeline.tokenizer_mismatch("prediction", student) == []  # a flag without its value: the script decides
+    assert pipeline.tokenizer_mismatch("task_intermediate", student + [str(tiny_roberta_qa_dir)]) == []
+    assert pipeline.tokenizer_mismatch("task_intermediate", student) == []  # a flag without its value: the script decides
