@@ -115,7 +115,8 @@ def table_row(name: str, results: dict, reference: dict) -> dict:
         "HasAns_f1": results.get("HasAns_f1"), "NoAns_f1": results.get("NoAns_f1"),
         "best_f1": results.get("best_f1"), "best_f1_thresh": results.get("best_f1_thresh"),
         "num_parameters": results["num_parameters"], "size_on_disk_bytes": results["model_size_on_disk_bytes"],
-        "latency_ms_batch1": latency, "throughput_batch32": results[f"throughput_batch{THROUGHPUT_BATCH}"],
+        "latency_ms_batch1": latency, "latency_ms_batch1_p95": results.get(f"latency_ms_batch{LATENCY_BATCH}_p95"),
+        "throughput_batch32": results[f"throughput_batch{THROUGHPUT_BATCH}"],
         "speedup": reference[f"latency_ms_batch{LATENCY_BATCH}"] / latency,
         "throughput_speedup": results[f"throughput_batch{THROUGHPUT_BATCH}"]
                               / reference[f"throughput_batch{THROUGHPUT_BATCH}"],
@@ -128,7 +129,8 @@ def _fmt(value, spec: str, empty: str = "–") -> str:
 
 
 def markdown_table(rows: list[dict], teacher: str) -> str:
-    header = ("| model | EM | F1 | HasAns F1 | NoAns F1 | best F1 (thresh) | params (M) | size (MB) | latency b1 (ms) "
+    header = ("| model | EM | F1 | HasAns F1 | NoAns F1 | best F1 (thresh) | params (M) | size (MB) "
+              "| latency b1 p50 / p95 (ms) "
               "| throughput b32 (/s) | speed-up | F1 kept |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
@@ -137,7 +139,8 @@ def markdown_table(rows: list[dict], teacher: str) -> str:
             f"| {r['model']}{' (teacher)' if r['model'] == teacher else ''} | {r['exact']:.2f} | {r['f1']:.2f} "
             f"| {_fmt(r['HasAns_f1'], '.2f')} | {_fmt(r['NoAns_f1'], '.2f')} "
             f"| {_fmt(r['best_f1'], '.2f')} ({_fmt(r['best_f1_thresh'], '.2f')}) "
-            f"| {r['num_parameters'] / 1e6:.2f} | {_fmt(size, '.1f')} | {r['latency_ms_batch1']:.1f} "
+            f"| {r['num_parameters'] / 1e6:.2f} | {_fmt(size, '.1f')} "
+            f"| {r['latency_ms_batch1']:.1f} / {_fmt(r['latency_ms_batch1_p95'], '.1f')} "
             f"| {r['throughput_batch32']:.1f} | {r['speedup']:.2f}x | {_fmt(r['f1_kept_percent'], '.1f')}% |")
     return "\n".join(lines) + "\n"
 

@@ -41,12 +41,15 @@ def test_report_table_plot_and_evaluate_agree(tiny_bert_qa_dir, student_dir, squ
                                                        / rows["student"]["latency_ms_batch1"])
     for r in rows.values():
         assert r["latency_ms_batch1"] > 0 and r["throughput_batch32"] > 0 and r["size_on_disk_bytes"] > 0
+        assert r["latency_ms_batch1_p95"] >= r["latency_ms_batch1"]
 
     # the markdown table: a header, a rule and one row per model, with the printed figures
     table = (out / "report.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("|")]
     assert len(lines) == 2 + 2 and lines[2].startswith("| teacher (teacher) |") and lines[3].startswith("| student |")
     assert f"| {rows['student']['f1']:.2f} |" in lines[3] and "report.png" in table
+    student = rows["student"]
+    assert f"| {student['latency_ms_batch1']:.1f} / {student['latency_ms_batch1_p95']:.1f} |" in lines[3]
     assert lines[2] in proc.stdout
 
     # the diagram, as PNG and SVG

@@ -1,0 +1,66 @@
+"""Students sized to a speed target (kd.speed): layer spreads, timing side by side, the choice of student."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kd import speed
+from kd.speed import choose, markdown, percentiles, spread_layers, synthetic_batch, time_side_by_side
+
+
+def test_spread_layers_keeps_the_last_block_and_spreads_the_rest():
+    assert spread_layers(6, 3) == [2, 4, 6] and spread_layers(12, 6) == [2, 4, 6, 8, 10, 12]
+    assert spread_layers(6, 6) == [1, 2, 3, 4, 5, 6] and spread_layers(6, 1) == [6]
+    assert spread_layers(6, 4) == [2, 3, 5, 6]
+    for n in range(1, 13):
+        for d in range(1, n + 1):
+            layers = spread_layers(n, d)
+            assert len(layers) == d and layers == sorted(set(layers)) and layers[-1] == n and layers[0] >= 1
+    with pytest.raises(ValueError, match="1..6"):
+        spread_layers(6, 7)
+
+
+def test_percentiles_are_median_and_95th():
+    assert percentiles([0.001 * i for i in range(1, 101)]) == pytest.approx(
+        {"latency_ms_p50": 50.5, "latency_ms_p95": 95.0})
+    assert percentiles([0.002]) == pytest.approx({"latency_ms_p50": 2.0, "latency_ms_p95": 2.0})
+
+
+def test_models_are_timed_in_rounds_after_warm_up(monkeypatch):
+    clock, calls = [0.0], []
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+
+    def model(name, cost):
+        def run():
+            calls.append(name)
+            clock[0] += cost
+        return run
+
+    out = time_side_by_side({"teacher": model("t", 0.010), "student": model("s", 0.004)}, warmup=2, rounds=3)
+    assert calls == ["t", "t", "s", "s"] + ["t", "s"] * 3  # warm-up, then one of each per round
+    assert out["teacher"]["latency_ms_p50"] == pytest.approx(10) and out["student"]["latency_ms_p95"] == pytest.approx(4)
+
+
+def test_choose_takes_the_largest_student_meeting_the_target():
+    rows = [{"name": "teacher", "is_teacher": True, "layers": [1, 2, 3, 4], "num_parameters": 40, "speedup": 1.0,
+             "latency_ms_p50": 40.0},
+            *({"name": f"{d} layers", "layers": list(range(d)), "num_parameters": 10 * d, "speedup": 4 / d,
+               "latency_ms_p50": 10.0 * d} for d in (1, 2, 3))]
+    assert choose(rows, target_speedup=2.0)["name"] == "2 layers"
+    assert choose(rows, target_speedup=1.3)["name"] == "3 layers"
+    assert choose(rows, target_latency_ms=15)["name"] == "1 layers"
+    assert choose(rows, target_speedup=5.0) is None
+    with pytest.raises(ValueError, match="exactly one"):
+        choose(rows)
+    table = markdown([{**r, "vocab_size": 100, "size_bytes": 2**20, "latency_ms_p95": r["latency_ms_p50"]}
+                      for r in rows], chosen=None)
+    assert table.count("\n") == 2 + len(rows) and "| teacher (teacher) | 1,2,3,4 | 100 |" in table
+
+
+def test_synthetic_batch_has_the_shapes_and_no_special_tokens(tiny_bert_tokenizer):
+    batch = synthetic_batch(tiny_bert_tokenizer, ["input_ids", "attention_mask", "token_type_ids"], 16, 3)
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (3, 16) for k in
+                                                             ("input_ids", "attention_mask", "token_type_ids")}
+    assert not set(batch["input_ids"].flatten().tolist()) & set(tiny_bert_tokenizer.all_special_ids)
+    assert torch.equal(batch["input_ids"], synthetic_batch(tiny_bert_tokenizer, ["input_ids"], 16, 3)["input_ids"])
