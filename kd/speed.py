@@ -111,3 +111,52 @@ def markdown(rows: list[dict], chosen: dict | None) -> str:
                      if "onnx_latency_ms_p50" in r else " – | – |")
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights as save_pretrained writes them (tied weights once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def candidate_table(teacher: torch.nn.Module, tokenizer, depths: list[int], *, seq_len: int, batch_size: int,
+                    warmup: int = 3, rounds: int = 20, onnx_dir: str | None = None,
+                    vocab_size: int | None = None) -> list[dict]:
+    """The teacher and one student per depth (its blocks spread by :func:`spread_layers`, kd.student), timed
+    side by side on one synthetic batch [batch_size, seq_len]; with ``onnx_dir``, also through ONNX Runtime.
+    ``vocab_size``: the vocabulary the built student will have (pruning): its parameters and size are counted
+    with the word embeddings cut to it (speed does not depend on it). Rows: name, layers, vocab_size,
+    num_parameters, size_bytes, latency_ms_p50/p95, speedup (and onnx_* where timed), is_teacher."""
+    import os
+
+    from kd.onnx_qa import tokenizer_input_names
+    from kd.student import student_from_teacher_layers
+
+    n = teacher.config.num_hidden_layers
+    models = {"teacher": (teacher, list(range(1, n + 1)))}
+    for d in depths:
+        layers = spread_layers(n, d)
+        models[f"student_{d}"] = (student_from_teacher_layers(teacher, layers), layers)
+    batch = synthetic_batch(tokenizer, tokenizer_input_names(tokenizer), seq_len, batch_size)
+    timings = time_side_by_side({k: torch_runner(m, batch) for k, (m, _) in models.items()}, warmup, rounds)
+    onnx = {}
+    if onnx_dir is not None:
+        runners = {k: onnx_runner(m, tokenizer, batch, os.path.join(onnx_dir, f"{k}.onnx"))
+                   for k, (m, _) in models.items()}
+        if all(r is not None for r in runners.values()):
+            onnx = time_side_by_side(runners, warmup, rounds)
+    embeddings = teacher.get_input_embeddings().weight
+    rows = []
+    for name, (model, layers) in models.items():
+        params, size = sum(p.numel() for p in model.parameters()), weight_bytes(model)
+        vocab = len(tokenizer)
+        if vocab_size is not None and name != "teacher":
+            cut = (embeddings.shape[0] - vocab_size) * embeddings.shape[1]
+            params, size, vocab = params - cut, size - cut * embeddings.element_size(), vocab_size
+        row = {"name": name, "is_teacher": name == "teacher", "layers": layers, "vocab_size": vocab,
+               "num_parameters": params, "size_bytes": size, **timings[name],
+               "speedup": timings["teacher"]["latency_ms_p50"] / timings[name]["latency_ms_p50"]}
+        if onnx:
+            row.update({f"onnx_{k}": v for k, v in onnx[name].items()},
+                       onnx_speedup=onnx["teacher"]["latency_ms_p50"] / onnx[name]["latency_ms_p50"])
+        rows.append(row)
+    return rows

@@ -64,3 +64,21 @@ def test_synthetic_batch_has_the_shapes_and_no_special_tokens(tiny_bert_tokenize
                                                              ("input_ids", "attention_mask", "token_type_ids")}
     assert not set(batch["input_ids"].flatten().tolist()) & set(tiny_bert_tokenizer.all_special_ids)
     assert torch.equal(batch["input_ids"], synthetic_batch(tiny_bert_tokenizer, ["input_ids"], 16, 3)["input_ids"])
+
+
+def test_candidate_table_times_the_teacher_and_each_depth(tiny_bert_qa_dir, tiny_bert_tokenizer, tmp_path):
+    from transformers import AutoModelForQuestionAnswering
+
+    teacher = AutoModelForQuestionAnswering.from_pretrained(tiny_bert_qa_dir)
+    rows = speed.candidate_table(teacher, tiny_bert_tokenizer, [1], seq_len=32, batch_size=2, warmup=1, rounds=3,
+                                 onnx_dir=str(tmp_path), vocab_size=50)
+    teacher_row, student = rows
+    assert teacher_row["is_teacher"] and teacher_row["layers"] == [1, 2] and teacher_row["speedup"] == 1.0
+    assert student["layers"] == [2] and student["vocab_size"] == 50
+    full = sum(p.numel() for p in teacher.parameters())
+    assert teacher_row["num_parameters"] == full and teacher_row["size_bytes"] == 4 * full
+    hidden = teacher.config.hidden_size
+    block = sum(p.numel() for p in teacher.bert.encoder.layer[0].parameters())
+    assert student["num_parameters"] == full - block - (len(tiny_bert_tokenizer) - 50) * hidden
+    for r in rows:
+        assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"] and r["onnx_latency_ms_p50"] > 0
