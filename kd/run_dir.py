@@ -6,10 +6,14 @@ already holds another run's checkpoints, records or model is refused, unless the
 (``--resume_from_checkpoint``: same id) or replaces it (``--overwrite_output_dir``: the old checkpoints and
 records are deleted first, and a new id is drawn). Modelled on the HF Trainer's and Accelerate's refusal of a
 non-empty output dir.
+
+A pipeline holds its whole output dir for as long as it runs (:func:`hold_dir`): a second one on the same dir is
+refused while the first, or a stage it started, is alive.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -77,3 +81,25 @@ def claim_output_dir(output_dir: str, resume: bool, overwrite: bool, script: str
         write_json_atomic(os.path.join(output_dir, RUN_FILE), {"run_id": run_id, "script": script,
                                                                "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return run_id
+
+
+def hold_dir(output_dir: str, lock_name: str) -> int:
+    """Take the exclusive lock ``output_dir/lock_name`` (created with the dir) for this process and write its pid
+    there; returns the lock's fd, held until it is closed in every process that inherited it (a stage passed it
+    keeps the dir taken until it ends, even when the process that took it was killed). Raises
+    OutputDirInUseError naming the holder's pid when another process holds it."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, lock_name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(path) as f:
+            holder = f.read().strip() or "unknown"
+        os.close(fd)
+        raise OutputDirInUseError(f"{output_dir} is in use by another run (pid {holder} holds {path}, it or a "
+                                  "stage it started is still running); wait for it to end, or choose another "
+                                  "--output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

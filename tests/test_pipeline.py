@@ -1,23 +1,25 @@
-"""pipeline.py end to end on a tiny recipe: every stage chained, skipped when done, resumed after a signal."""
+"""pipeline.py end to end on a tiny recipe: every stage chained, skipped when done, resumed after a signal; one
+pipeline per output dir, nothing left running when it is killed, every recipe problem found before anything runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
 
 import pipeline
-from kd.pipeline import PREEMPTED_EXIT, RecipeError, load_recipe
+from kd.pipeline import PREEMPTED_EXIT, RecipeError, changed_outputs, fingerprint, load_recipe
 from tests.conftest import FIXTURES_DIR, fixture_texts
-from tests.helpers import REPO_ROOT, read_json, script_env
+from tests.helpers import REPO_ROOT, read_json, read_jsonl, script_env
 
-pytestmark = pytest.mark.slow
 WINDOW = {"max_seq_length": 128, "doc_stride": 48, "max_query_length": 32}
 
 
@@ -76,6 +78,7 @@ def _run(*argv, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_chained_then_skips_and_resumes(tiny_bert_qa_dir, tiny_glove, tmp_path):
     recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove)
     out = tmp_path / "run"
@@ -136,6 +139,7 @@ def test_pipeline_runs_every_stage_chained_then_skips_and_resumes(tiny_bert_qa_d
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
 
 
+@pytest.mark.slow
 def test_recipe_errors_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_path):
     recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, prediction__no_such_flag=1, teacher__max_seq_length=600)
     proc = _run("--recipe", recipe, "--output_dir", tmp_path / "out", check=False)
@@ -152,3 +156,71 @@ def test_recipe_errors_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_pa
         load_recipe(recipe, ["distill.temperature=2"])
     with pytest.raises(RecipeError, match="set by the pipeline"):
         load_recipe(recipe, ["prediction.output_dir=x"])
+
+
+# --- the recipe and the record, checked whole before anything runs (fast: nothing trains) --------------------------
+def test_every_problem_of_every_stage_is_listed_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_path):
+    """Later stages' inputs do not exist yet: their types, choices, references and launch configs are checked all
+    the same, and every problem is listed in one go."""
+    recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, prediction__max_train_steps="many",
+                     student_kd__keep_checkpoints="sometimes", student_nokd__model_name_or_path="${student_init.model}",
+                     evaluate__model_name_or_path="${nosuch}", task_intermediate__launch="accelerate_configs/nope.yaml",
+                     general__layer_map={"a": 1})
+    out = tmp_path / "out"
+    proc = _run("--recipe", recipe, "--output_dir", out, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for expected in ("stage prediction: argument --max_train_steps: invalid positive_int value: 'many'",
+                     "stage student_kd: argument --keep_checkpoints: invalid choice: 'sometimes'",
+                     "stage student_nokd: ${student_init.model} names no stage",
+                     "stage evaluate: ${nosuch} names no stage",
+                     "stage task_intermediate: cannot read its launch config",
+                     "stage general: layer_map: a dict is no script argument"):
+        assert expected in proc.stderr, proc.stderr
+    assert sorted(os.listdir(out)) == ["pipeline.lock"]  # no stage ran, nothing recorded
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("stages: {teacher: [1\n", "is not valid YAML"),
+    ("stages:\n  - teacher\n  - prediction\n", "'stages' is a list"),
+    ("- stages\n", "a recipe is a mapping"),
+    ("stages:\n  teacher: 3\n", "stage teacher: its arguments are a int"),
+])
+def test_a_malformed_recipe_is_one_line_and_exit_2(tmp_path, text, expected):
+    (tmp_path / "r.yaml").write_text(text)
+    proc = _run("--recipe", tmp_path / "r.yaml", "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("pipeline.py: error: ") and expected in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+@pytest.mark.parametrize("record", ['{"stages": {"teacher": {"status": "fini', '[1, 2]'])
+def test_an_unreadable_pipeline_json_is_one_line_and_exit_2(tiny_bert_qa_dir, tiny_glove, tmp_path, record):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pipeline.json").write_text(record)
+    proc = _run("--recipe", _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove), "--output_dir", out, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"pipeline.py: error: {out / 'pipeline.json'}, the record of what ran, is "
+                                  "unreadable")
+    assert len(proc.stderr.strip().splitlines()) == 1 and (out / "pipeline.json").read_text() == record
+
+
+def test_fingerprint_sees_content_not_times(tmp_path):
+    stage = tmp_path / "teacher"
+    stage.mkdir()
+    (stage / "all_results.json").write_text('{"status": "finished"}')
+    (stage / "model.safetensors").write_bytes(b"w" * 1000)
+    (stage / "config.json").write_text("{}")
+    (stage / "train_log.jsonl").write_text("{}\n")  # not read by later stages: not part of it
+    recorded = fingerprint("teacher", str(tmp_path))
+    assert sorted(recorded) == ["all_results.json", "config.json", "model.safetensors"]
+    assert changed_outputs("teacher", str(tmp_path), recorded)[0] == []
+    os.utime(stage / "model.safetensors", ns=(1, 1))  # copied without its times: same output
+    changes, now = changed_outputs("teacher", str(tmp_path), recorded)
+    assert changes == [] and now["model.safetensors"]["mtime_ns"] == 1
+    assert now["model.safetensors"]["sha256"] == recorded["model.safetensors"]["sha256"]
+    (stage / "model.safetensors").write_bytes(b"x" * 1000)  # same size, other weights
+    assert changed_outputs("teacher", str(tmp_path), recorded)[0][0].startswith("model.safetensors: other content")
+    (stage / "model.safetensors").write_bytes(b"w" * 10)  # truncated
+    assert changed_outputs("teacher", str(tmp_path), recorded)[0] == ["model.safetensors: 10 bytes, was 1000"]
+    os.remove(stage / "config.json")
+    assert "config.json: missing" in changed_outputs("teacher", str(tmp_path), recorded)[0]
