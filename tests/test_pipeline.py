@@ -69,8 +69,8 @@ def _recipe(tmp_path, teacher_base, glove, name="recipe", **changes) -> str:
     return str(path)
 
 
-def _run(*argv, check=True):
-    env = {**script_env(), "KD_CACHE": str(argv[argv.index("--output_dir") + 1]) + "_cache"}
+def _run(*argv, check=True, **env):
+    env = {**script_env(), "KD_CACHE": str(argv[argv.index("--output_dir") + 1]) + "_cache", **env}
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline.py"), *map(str, argv)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -224,3 +224,100 @@ def test_fingerprint_sees_content_not_times(tmp_path):
     assert changed_outputs("teacher", str(tmp_path), recorded)[0] == ["model.safetensors: 10 bytes, was 1000"]
     os.remove(stage / "config.json")
     assert "config.json: missing" in changed_outputs("teacher", str(tmp_path), recorded)[0]
+
+
+# --- one pipeline per output dir; signals and kills --------------------------------------------------------------
+def _small_recipe(tmp_path, teacher_base, steps=30, name="small") -> str:
+    """A teacher trained ``steps`` steps (a checkpoint and a log line each), then a student cut from it."""
+    squad = str(FIXTURES_DIR / "squad_v2_dev_slice.json")
+    stages = {"teacher": dict(model_name_or_path=str(teacher_base), train_file=squad, max_train_steps=steps,
+                              checkpointing_steps=1, logging_steps=1, keep_checkpoints="last",
+                              per_device_train_batch_size=4, learning_rate=1e-3, seed=3, **WINDOW),
+              "student_init": dict(teacher_name_or_path="${teacher}", layers="2")}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"launch": "accelerate_configs/cpu.yaml", "stages": stages}, sort_keys=False))
+    return str(path)
+
+
+def _start(recipe, out, **env):
+    env = {**script_env(), "KD_CACHE": str(out) + "_cache", **env}
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "pipeline.py"), "--recipe", recipe, "--output_dir",
+                             str(out)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(condition, proc, what, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the pipeline ended before {what}:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _losses(log) -> list[int]:
+    try:
+        return [r["step"] for r in read_jsonl(log) if "train/loss" in r]
+    except (OSError, ValueError):  # not there yet, or a line half-written
+        return []
+
+
+@pytest.mark.slow
+def test_a_killed_pipeline_leaves_no_trainer_behind_and_one_pipeline_holds_a_dir(tiny_bert_qa_dir, tmp_path):
+    recipe = _small_recipe(tmp_path, tiny_bert_qa_dir)
+    out = tmp_path / "killed"
+    first = _start(recipe, out)
+    log = out / "teacher" / "train_log.jsonl"
+    _wait_for(lambda: len(_losses(log)) >= 3, first, "3 training steps")
+
+    # a second pipeline on the same dir is refused at once, naming the first
+    second = _run("--recipe", recipe, "--output_dir", out, check=False)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"is in use by another run (pid {first.pid} " in second.stderr
+
+    # kill -9 of the pipeline: its stage (launch.py, accelerate launch, the training script) stops with it
+    stage = psutil.Process(first.pid).children(recursive=True)
+    assert len(stage) >= 3, stage
+    first.kill()
+    first.communicate()
+    gone, alive = psutil.wait_procs(stage, timeout=120)
+    assert not alive, f"left running after the pipeline was killed: {alive}"
+
+    # the rerun, with the venv's bin not on PATH (the stage calls accelerate through this interpreter): each step
+    # trained and logged once, and the teacher of an uninterrupted run
+    _run("--recipe", recipe, "--output_dir", out, PATH="/usr/bin:/bin")
+    assert _losses(log) == list(range(1, 31))
+    _run("--recipe", recipe, "--output_dir", tmp_path / "uninterrupted", PATH="/usr/bin:/bin")
+    a, b = (load_file(d / "teacher" / "model.safetensors") for d in (out, tmp_path / "uninterrupted"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for ``signum`` installed (Linux: SigCgt in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.slow
+def test_a_signal_before_or_after_a_stage_stops_the_pipeline_before_the_next(tiny_bert_qa_dir, tmp_path):
+    recipe = _small_recipe(tmp_path, tiny_bert_qa_dir, steps=3)
+
+    # SIGTERM as soon as the pipeline can hear it, while it checks the recipe: no stage starts
+    out = tmp_path / "early"
+    proc = _start(recipe, out)
+    _wait_for(lambda: _catches(proc.pid, signal.SIGTERM), proc, "a SIGTERM handler")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert "pipeline.py: stopped on SIGTERM before stage teacher; rerun the same command to continue." in output
+    assert not (out / "teacher").exists()
+
+    # SIGINT (Ctrl-C) once the teacher wrote its results: the student is not started
+    out = tmp_path / "late"
+    proc = _start(recipe, out)
+    _wait_for(lambda: (out / "teacher" / "all_results.json").exists(), proc, "the teacher's results")
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT and "rerun the same command to continue" in output, output[-3000:]
+    assert "Traceback" not in output and list(read_json(out / "pipeline.json")["stages"]) == ["teacher"]
+    assert not (out / "student_init").exists()
