@@ -290,6 +290,8 @@ def changed_outputs(stage: str, output_dir: str, recorded: dict[str, dict]) -> t
     """What differs from a finished stage's recorded fingerprint (``["model.safetensors: 1000 bytes, was 2000",
     "config.json: missing"]``; empty: unchanged) and the fingerprint as it is now (same hashes, fresh times)."""
     out = os.path.join(output_dir, stage)
+    if not os.path.isdir(out):
+        return [f"{stage}/: missing"], {}
     changes, now = [], {}
     for name, old in sorted(recorded.items()):
         path = os.path.join(out, name)
@@ -304,7 +306,7 @@ def changed_outputs(stage: str, output_dir: str, recorded: dict[str, dict]) -> t
         if digest != old.get("sha256"):
             changes.append(f"{name}: other content (sha256 {digest[:12]}, was {str(old.get('sha256'))[:12]})")
         now[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    return changes, now
+    return changes if len(changes) <= 3 else [*changes[:3], f"{len(changes) - 3} more"], now
 
 
 def argv_flags(argv: list[str]) -> dict[str, list[str]]:

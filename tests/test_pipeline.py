@@ -3,8 +3,8 @@ pipeline per output dir, nothing left running when it is killed, every recipe pr
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -321,3 +321,28 @@ def test_a_signal_before_or_after_a_stage_stops_the_pipeline_before_the_next(tin
     assert proc.returncode == PREEMPTED_EXIT and "rerun the same command to continue" in output, output[-3000:]
     assert "Traceback" not in output and list(read_json(out / "pipeline.json")["stages"]) == ["teacher"]
     assert not (out / "student_init").exists()
+
+
+@pytest.mark.slow
+def test_a_changed_or_missing_output_reruns_its_stage_and_every_one_after(tiny_bert_qa_dir, tmp_path):
+    recipe = _small_recipe(tmp_path, tiny_bert_qa_dir, steps=2)
+    out = tmp_path / "run"
+    _run("--recipe", recipe, "--output_dir", out)
+    weights = out / "teacher" / "model.safetensors"
+    before = {k: v.clone() for k, v in load_file(weights).items()}  # not the mapped file, truncated below
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:size // 2])  # truncated (a full disk, a copy cut short)
+
+    proc = _run("--recipe", recipe, "--output_dir", out)
+    assert (f"[teacher] runs again: its output changed since it finished (model.safetensors: {size // 2} bytes, "
+            f"was {size})") in proc.stdout
+    assert "[student_init] runs again: it comes after teacher, which runs again" in proc.stdout
+    assert "skipped" not in proc.stdout
+    after = load_file(weights)
+    assert after.keys() == before.keys() and all((after[k] - before[k]).abs().max() <= 1e-6 for k in after)
+
+    shutil.rmtree(out / "student_init")  # deleted: it runs again, the teacher it reads is kept
+    proc = _run("--recipe", recipe, "--output_dir", out)
+    assert "[teacher] finished before: skipped" in proc.stdout
+    assert "[student_init] runs again: its output changed since it finished (student_init/: missing)" in proc.stdout
+    assert all(s["status"] == "finished" for s in read_json(out / "pipeline.json")["stages"].values())
