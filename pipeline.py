@@ -12,13 +12,19 @@ pipeline.json records each stage's status, command, start, end, wall time and he
 
 Rerunning the same command is always safe: a finished stage with the same command line is skipped, an interrupted
 one continues from its latest checkpoint, and a finished stage whose settings changed stops the pipeline with the
-setting named (``--rerun STAGE`` redoes it and every stage after it). The whole recipe is checked before any
-stage runs: stage names, every key against its script's flags, and each stage whose inputs already exist through
-its script's own argument checks (paths, sequence length, layer map) and a tokenizer comparison.
+setting named (``--rerun STAGE`` redoes it and every stage after it). A finished stage whose outputs are missing or
+changed (pipeline.json holds their sizes and hashes: kd.pipeline.fingerprint) runs again, with every stage after
+it. The whole recipe is checked before any stage runs, every problem listed at once: stage names, references,
+launch configs, every key against its script's flags, each stage whose inputs already exist through its script's
+own argument checks (paths, sequence length, layer map) and a tokenizer comparison, the others through their
+script's parser (types, choices).
 
-Exit status: 0 all selected stages finished; 75 a stage stopped on a preemption signal (SIGTERM/SIGUSR1 to this
-process are passed on to the running stage): rerun the same command, e.g. after a SLURM requeue; 2 the recipe or
-the settings are wrong; 1 a stage failed.
+One pipeline at a time holds OUTPUT_DIR (OUTPUT_DIR/pipeline.lock; a second one is refused, exit 2), and its stages
+die with it: killed, even with SIGKILL, it leaves no stage running (kd/launcher.py).
+
+Exit status: 0 all selected stages finished; 75 stopped on a preemption signal (SIGTERM/SIGUSR1 to this process
+are passed on to the running stage, SIGINT as SIGTERM; one that comes between stages starts no other): rerun the
+same command, e.g. after a SLURM requeue; 2 the recipe or the settings are wrong; 1 a stage failed.
 """
 
 from __future__ import annotations
@@ -263,6 +269,10 @@ def run(args, forwarder: Forwarder) -> int:
         record = load_record(record_path)
     except (OutputDirInUseError, RecipeError) as e:
         print(f"pipeline.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"pipeline.py: error: cannot take --output_dir {out} ({e.strerror or e}); choose a writable one",
+              file=sys.stderr)
         return 2
     forwarder.pass_fds = (lock,)
     with os.fdopen(lock):

@@ -28,6 +28,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -45,8 +46,8 @@ def become_subreaper() -> None:
 
 
 def set_death_signal(signum: int) -> None:
-    """Linux: this process gets ``signum`` when its parent dies (SIGKILL included)."""
-    if _libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+    """Linux: this process gets ``signum`` when its parent dies (SIGKILL included); 0: no more. Elsewhere nothing."""
+    if sys.platform.startswith("linux") and _libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 

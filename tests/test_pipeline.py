@@ -16,7 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 import pipeline
-from kd.pipeline import PREEMPTED_EXIT, RecipeError, changed_outputs, fingerprint, load_recipe
+from kd.pipeline import (ACCELERATE_LAUNCH, PREEMPTED_EXIT, RecipeError, changed_outputs, fingerprint,
+                         load_recipe, same_command)
 from tests.conftest import FIXTURES_DIR, fixture_texts
 from tests.helpers import REPO_ROOT, read_json, read_jsonl, script_env
 
@@ -346,3 +347,14 @@ def test_a_changed_or_missing_output_reruns_its_stage_and_every_one_after(tiny_b
     assert "[teacher] finished before: skipped" in proc.stdout
     assert "[student_init] runs again: its output changed since it finished (student_init/: missing)" in proc.stdout
     assert all(s["status"] == "finished" for s in read_json(out / "pipeline.json")["stages"].values())
+
+
+def test_a_command_recorded_with_accelerate_from_path_is_the_same_command():
+    """Stages call accelerate through the pipeline's interpreter (its venv need not be on PATH); a run recorded
+    when they called `accelerate launch` from PATH is not taken for one with other settings."""
+    new = [sys.executable, "launch.py", *ACCELERATE_LAUNCH, "--config_file", "c.yaml", "train.py", "--seed", "1"]
+    assert ACCELERATE_LAUNCH == (sys.executable, "-m", "accelerate.commands.launch")
+    assert same_command([sys.executable, "launch.py", "accelerate", "launch", "--config_file", "c.yaml", "train.py",
+                         "--seed", "1"], new)
+    assert not same_command([sys.executable, "launch.py", "accelerate", "launch", "--config_file", "c.yaml",
+                             "train.py", "--seed", "2"], new)
