@@ -133,8 +133,10 @@ def load_record(path: str) -> dict:
         with open(path) as f:
             record = json.load(f)
         if not (isinstance(record, dict) and isinstance(record.get("stages"), dict)
-                and all(isinstance(e, dict) for e in record["stages"].values())):
-            raise ValueError("not a mapping with 'stages'")
+                and all(isinstance(e, dict) and isinstance(e.get("outputs", {}), dict) and
+                        all(isinstance(f, dict) for f in e.get("outputs", {}).values())
+                        for e in record["stages"].values())):
+            raise ValueError("not a mapping of each stage to its record")
     except (OSError, ValueError) as err:
         raise RecipeError(f"{path}, the record of what ran, is unreadable ({err}); restore it, or start over "
                           "in another --output_dir") from err
@@ -199,6 +201,9 @@ class Forwarder:
         return self
 
     def handle(self, signum, frame):
+        if signum == signal.SIGINT == self.signum and self.child is None:  # Ctrl-C twice: no waiting for a check
+            print("pipeline.py: stopped on SIGINT; rerun the same command to continue.", flush=True)
+            raise SystemExit(PREEMPTED_EXIT)
         self.signum = signum
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)

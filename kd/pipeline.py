@@ -100,6 +100,8 @@ def read_recipe(path: str, overrides: list[str] = ()) -> tuple[dict[str, Stage],
             recipe = yaml.safe_load(f)
     except OSError as err:
         raise RecipeError(f"cannot read the recipe {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path} is not a text file in UTF-8 ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         raise RecipeError(f"{path} is not valid YAML ({getattr(err, 'problem', None) or err}"
