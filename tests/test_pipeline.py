@@ -3,6 +3,7 @@ pipeline per output dir, nothing left running when it is killed, every recipe pr
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -280,6 +281,14 @@ def test_a_killed_pipeline_leaves_no_trainer_behind_and_one_pipeline_holds_a_dir
     assert len(stage) >= 3, stage
     first.kill()
     first.communicate()
+    lock = os.open(out / "pipeline.lock", os.O_RDWR)
+    try:  # the dir stays taken while the stage ends (it saves a checkpoint): a rerun cannot start beside it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not [p for p in stage if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(lock)
     gone, alive = psutil.wait_procs(stage, timeout=120)
     assert not alive, f"left running after the pipeline was killed: {alive}"
 
