@@ -12,13 +12,19 @@ pipeline.json records each stage's status, command, start, end, wall time and he
 
 Rerunning the same command is always safe: a finished stage with the same command line is skipped, an interrupted
 one continues from its latest checkpoint, and a finished stage whose settings changed stops the pipeline with the
-setting named (``--rerun STAGE`` redoes it and every stage after it). The whole recipe is checked before any
-stage runs: stage names, every key against its script's flags, and each stage whose inputs already exist through
-its script's own argument checks (paths, sequence length, layer map) and a tokenizer comparison.
+setting named (``--rerun STAGE`` redoes it and every stage after it). A finished stage whose outputs are missing or
+changed (pipeline.json holds their sizes and hashes: kd.pipeline.fingerprint) runs again, with every stage after
+it. The whole recipe is checked before any stage runs, every problem listed at once: stage names, references,
+launch configs, every key against its script's flags, each stage whose inputs already exist through its script's
+own argument checks (paths, sequence length, layer map) and a tokenizer comparison, the others through their
+script's parser (types, choices).
 
-Exit status: 0 all selected stages finished; 75 a stage stopped on a preemption signal (SIGTERM/SIGUSR1 to this
-process are passed on to the running stage): rerun the same command, e.g. after a SLURM requeue; 2 the recipe or
-the settings are wrong; 1 a stage failed.
+One pipeline at a time holds OUTPUT_DIR (OUTPUT_DIR/pipeline.lock; a second one is refused, exit 2), and its stages
+die with it: killed, even with SIGKILL, it leaves no stage running (kd/launcher.py).
+
+Exit status: 0 all selected stages finished; 75 stopped on a preemption signal (SIGTERM/SIGUSR1 to this process
+are passed on to the running stage, SIGINT as SIGTERM; one that comes between stages starts no other): rerun the
+same command, e.g. after a SLURM requeue; 2 the recipe or the settings are wrong; 1 a stage failed.
 """
 
 from __future__ import annotations
@@ -36,11 +42,14 @@ import sys
 import time
 
 from kd.files import write_json_atomic
-from kd.launcher import error_paragraph
-from kd.pipeline import (PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, argv_flags, changed_flags, command,
-                         finished_marker, headline, load_recipe, shell_line)
+from kd.launcher import die_with_parent, error_paragraph
+from kd.pipeline import (PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, argv_flags, changed_flags, changed_outputs,
+                         command, finished_marker, fingerprint, headline, launch_config, read_recipe, same_command,
+                         shell_line)
+from kd.run_dir import OutputDirInUseError, hold_dir
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+LOCK_FILE = "pipeline.lock"
 
 
 def parse_args(argv=None):
@@ -75,26 +84,64 @@ def unknown_flags(stage, module) -> list[str]:
 
 
 def validate(stages, commands, finished) -> list[str]:
-    """Every problem found without running a stage: unknown flags; for stages whose inputs exist now, their
-    script's own argument checks and, for intermediate-layer stages, whether student and teacher tokenize alike."""
+    """Every problem found without running a stage: unknown flags, launch configs; for stages whose inputs exist
+    now, their script's own argument checks and, for intermediate-layer stages, whether student and teacher
+    tokenize alike; for the others, what their script's parser checks alone (types, choices, required flags), the
+    paths they name not yet existing."""
     problems, modules = [], {}
     for name, stage in stages.items():
-        if stage.use:
+        if stage.use or name not in commands:
             continue
         module = modules.setdefault(stage.script, script_module(stage.script))
-        problems += [f"stage {name}: {stage.script} has no --{key}" for key in unknown_flags(stage, module)]
-        if not stage.refs <= finished or not hasattr(module, "parse_args"):
-            continue  # its inputs come from stages that have not run yet: its script checks them when it starts
+        unknown = unknown_flags(stage, module)
+        problems += [f"stage {name}: {stage.script} has no --{key}" for key in unknown]
+        if name in TRAINING:
+            problems += launch_config_problems(name, launch_config(stage, REPO))
         argv = commands[name][commands[name].index(os.path.join(REPO, stage.script)) + 1:]
+        ready = stage.refs <= finished and hasattr(module, "parse_args") and not unknown
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                module.parse_args(argv)
+                module.parse_args(argv) if ready else module.build_parser().parse_known_args(argv)
         except SystemExit:
-            problems.append(f"stage {name}: {err.getvalue().strip().splitlines()[-1]}")
-        if stage.script != "train_prediction.py":  # prediction-layer distillation takes any teacher's tokenizer
+            problems.append(f"stage {name}: {err.getvalue().strip().splitlines()[-1].split(': error: ', 1)[-1]}")
+        if ready and stage.script != "train_prediction.py":  # prediction-layer distillation: any teacher's tokenizer
             problems += tokenizer_mismatch(name, argv)
     return problems
+
+
+def launch_config_problems(name: str, path: str) -> list[str]:
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError as err:
+        return [f"stage {name}: cannot read its launch config {path} ({err.strerror or err}); name an existing "
+                "file of accelerate_configs/ with 'launch:'"]
+    except yaml.YAMLError as err:
+        return [f"stage {name}: its launch config {path} is not valid YAML ({getattr(err, 'problem', err)})"]
+    if not isinstance(config, dict):
+        return [f"stage {name}: its launch config {path} is not an Accelerate config (a mapping)"]
+    return []
+
+
+def load_record(path: str) -> dict:
+    """OUTPUT_DIR/pipeline.json, or an empty record before the first run."""
+    if not os.path.isfile(path):
+        return {"stages": {}}
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not (isinstance(record, dict) and isinstance(record.get("stages"), dict)
+                and all(isinstance(e, dict) and isinstance(e.get("outputs", {}), dict) and
+                        all(isinstance(f, dict) for f in e.get("outputs", {}).values())
+                        for e in record["stages"].values())):
+            raise ValueError("not a mapping of each stage to its record")
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"{path}, the record of what ran, is unreadable ({err}); restore it, or start over "
+                          "in another --output_dir") from err
+    return record
 
 
 def tokenizer_mismatch(name: str, argv: list[str]) -> list[str]:
@@ -116,20 +163,64 @@ def tokenizer_mismatch(name: str, argv: list[str]) -> list[str]:
     return []
 
 
+def stages_to_redo(record: dict, out: str, rerun: str | None) -> dict[str, str]:
+    """The stages that run again, each with why, in pipeline order: ``rerun`` and every stage after it; a finished
+    stage whose outputs are not what it left (missing, other size or content: kd.pipeline.fingerprint) and every
+    stage after it, which read them. Refreshes the recorded fingerprints of the others (a record from before
+    fingerprints gets them now)."""
+    redo = dict.fromkeys(STAGES[STAGES.index(rerun):], f"--rerun {rerun}") if rerun else {}
+    for name in STAGES:
+        entry = record["stages"].get(name)
+        if name in redo or not entry or entry.get("status") != "finished":
+            continue
+        marker = os.path.relpath(finished_marker(name, out), os.path.join(out, name))
+        if "outputs" in entry:
+            changes, now = changed_outputs(name, out, entry["outputs"])
+        else:
+            changes = [] if os.path.isfile(finished_marker(name, out)) else [f"{marker}: missing"]
+            now = fingerprint(name, out) if not changes else {}
+        if not changes:
+            entry["outputs"] = now
+            continue
+        redo[name] = f"its output changed since it finished ({'; '.join(changes)})"
+        redo.update({later: f"it comes after {name}, which runs again" for later in STAGES[STAGES.index(name) + 1:]
+                     if later not in redo})
+    return {n: redo[n] for n in STAGES if n in redo}
+
+
 class Forwarder:
-    """Passes SIGTERM/SIGUSR1 on to the running stage and remembers that one came."""
+    """Passes SIGTERM/SIGUSR1 on to the running stage and remembers that one came (SIGINT too, passed on as
+    SIGTERM: the stage saves and stops as on a preemption)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.child, self.signum = None, None
+        self.child, self.signum, self.passed = None, None, False
+        self.pass_fds = ()
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         return self
 
     def handle(self, signum, frame):
+        if signum == signal.SIGINT == self.signum and self.child is None:  # Ctrl-C twice: no waiting for a check
+            print("pipeline.py: stopped on SIGINT; rerun the same command to continue.", flush=True)
+            raise SystemExit(PREEMPTED_EXIT)
         self.signum = signum
         if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
+            self.child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+            self.passed = True
+
+    def start(self, cmd: list[str], **popen) -> subprocess.Popen:
+        """Start a stage: in its own session (a terminal's Ctrl-C reaches the pipeline, which passes it on),
+        dying with the pipeline (SIGTERM when it is killed, even with SIGKILL), holding the output dir's lock
+        until its last process ends."""
+        self.passed = False
+        self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=self.pass_fds,
+                                      preexec_fn=die_with_parent(signal.SIGTERM), **popen)
+        if self.signum is not None and not self.passed:  # it came while the stage was being started
+            self.handle(self.signum, None)
+        return self.child
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
@@ -140,8 +231,7 @@ def run_stage(cmd: list[str], log_path: str, forwarder: Forwarder) -> int:
     with open(log_path, "a") as log:
         log.write(f"\n$ {shell_line(cmd)}\n")
         log.flush()
-        child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        forwarder.child = child
+        child = forwarder.start(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         code = child.wait()
         forwarder.child = None
     return code
@@ -149,16 +239,28 @@ def run_stage(cmd: list[str], log_path: str, forwarder: Forwarder) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with Forwarder() as forwarder:  # from the start: a signal at any moment stops the pipeline before its next stage
+        return run(args, forwarder)
+
+
+def run(args, forwarder: Forwarder) -> int:
     out = os.path.abspath(args.output_dir)
     try:
-        stages = load_recipe(args.recipe, args.overrides)
+        stages, problems = read_recipe(args.recipe, args.overrides)
         selected = [s for s in stages if args.stages is None or s in args.stages.split(",")]
         unknown = sorted(set(args.stages.split(",")) - set(stages)) if args.stages else []
         if unknown or (args.rerun and args.rerun not in stages):
-            raise RecipeError(f"--stages/--rerun name(s) {unknown or [args.rerun]} not in the recipe "
-                              f"({', '.join(stages)})")
-        commands = {name: command(stage, out, stages, REPO, args.launcher)
-                    for name, stage in stages.items() if not stage.use}
+            problems.append(f"--stages/--rerun name(s) {unknown or [args.rerun]} not in the recipe "
+                            f"({', '.join(stages)})")
+        commands = {}
+        for name, stage in stages.items():
+            try:
+                if not stage.use:
+                    commands[name] = command(stage, out, stages, REPO, args.launcher)
+            except RecipeError as e:
+                problems += [f"stage {name}: {p}" for p in e.problems]
+        if problems and args.dry_run:  # else they are listed with the stages' own problems below
+            raise RecipeError(*problems)
     except RecipeError as e:
         print(f"pipeline.py: error: {e}", file=sys.stderr)
         return 2
@@ -168,39 +270,56 @@ def main(argv=None) -> int:
         return 0
 
     # ---------------------------------------------------------------- what has run, what changed, what to redo
-    record_path = os.path.join(out, "pipeline.json")
-    record = json.load(open(record_path)) if os.path.isfile(record_path) else {"stages": {}}
-    if args.rerun:  # this pipeline's own outputs, redone on request
-        for name in STAGES[STAGES.index(args.rerun):]:
+    try:
+        lock = hold_dir(out, LOCK_FILE)  # held to the end, and by each stage it starts until that stage ends
+        record_path = os.path.join(out, "pipeline.json")
+        record = load_record(record_path)
+    except (OutputDirInUseError, RecipeError) as e:
+        print(f"pipeline.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"pipeline.py: error: cannot take --output_dir {out} ({e.strerror or e}); choose a writable one",
+              file=sys.stderr)
+        return 2
+    forwarder.pass_fds = (lock,)
+    with os.fdopen(lock):
+        redo = stages_to_redo(record, out, args.rerun)
+        for name, cmd in commands.items():
+            old = record["stages"].get(name, {}).get("command")
+            if name not in redo and old is not None and not same_command(old, cmd):
+                problems.append(f"stage {name} ran with other settings ({'; '.join(changed_flags(old, cmd))}); pass "
+                                f"--rerun {name} to redo it and what follows, or restore the setting")
+        finished = {n for n in stages if stages[n].use or (n not in redo and record["stages"].get(n, {}).get(
+            "status") == "finished" and os.path.isfile(finished_marker(n, out)))}
+        missing = sorted({r for n in selected for r in stages[n].refs if r in stages} - finished - set(selected))
+        if missing:
+            problems.append(f"the selected stages need {missing}, which have not finished; run them first"
+                            + "".join(f" ({n} runs again: {redo[n]})" for n in missing if n in redo))
+        problems += validate({n: stages[n] for n in selected}, commands, finished)
+        if problems:
+            print("pipeline.py: error: the recipe cannot run as it is:\n  - " + "\n  - ".join(problems),
+                  file=sys.stderr)
+            return 2
+
+        # ------------------------------------------------------------ run the stages in order
+        for name, why in redo.items():  # only now that nothing stops the run: these outputs are deleted
+            if name in record["stages"] or os.path.exists(os.path.join(out, name)):
+                print(f"[{name}] runs again: {why}")
             record["stages"].pop(name, None)
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    problems = []
-    for name, cmd in commands.items():
-        old = record["stages"].get(name, {}).get("command")
-        if old is not None and old != cmd:
-            problems.append(f"stage {name} ran with other settings ({'; '.join(changed_flags(old, cmd))}); pass "
-                            f"--rerun {name} to redo it and what follows, or restore the setting")
-    finished = {n for n in stages if stages[n].use or (record["stages"].get(n, {}).get("status") == "finished"
-                                                       and os.path.isfile(finished_marker(n, out)))}
-    missing = sorted({r for n in selected for r in stages[n].refs} - finished - set(selected))
-    if missing:
-        problems.append(f"the selected stages need {missing}, which have not finished; run them first")
-    problems += validate({n: stages[n] for n in selected}, commands, finished)
-    if problems:
-        print("pipeline.py: error: the recipe cannot run as it is:\n  - " + "\n  - ".join(problems), file=sys.stderr)
-        return 2
-
-    # ---------------------------------------------------------------- run the stages in order
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "commands.sh.tmp"), "w") as f:
-        f.write("#!/usr/bin/env bash\n# written by pipeline.py; run from the repository root\nset -euo pipefail\n")
-        f.writelines(f"\n# {n}\n{shell_line(commands[n])}\n" for n in selected if n in commands)
-    os.replace(os.path.join(out, "commands.sh.tmp"), os.path.join(out, "commands.sh"))
-    with Forwarder() as forwarder:
+        write_json_atomic(record_path, record)
+        with open(os.path.join(out, "commands.sh.tmp"), "w") as f:
+            f.write("#!/usr/bin/env bash\n# written by pipeline.py; run from the repository root\nset -euo pipefail\n")
+            f.writelines(f"\n# {n}\n{shell_line(commands[n])}\n" for n in selected if n in commands)
+        os.replace(os.path.join(out, "commands.sh.tmp"), os.path.join(out, "commands.sh"))
         for name in selected:
             if name in finished or stages[name].use:
                 print(f"[{name}] {'uses ' + stages[name].use if stages[name].use else 'finished before: skipped'}")
                 continue
+            if forwarder.signum is not None:  # it came before this stage started: none starts after it
+                print(f"pipeline.py: stopped on {signal.Signals(forwarder.signum).name} before stage {name}; rerun "
+                      "the same command to continue.")
+                return PREEMPTED_EXIT
             entry = {"status": "running", "command": commands[name], "start": time.strftime("%Y-%m-%dT%H:%M:%S")}
             record["stages"][name] = entry
             write_json_atomic(record_path, record)
@@ -215,6 +334,8 @@ def main(argv=None) -> int:
                          status="finished" if code == 0 and done else
                          "preempted" if forwarder.signum or (code == 0 and name in TRAINING) else "failed",
                          exit_status=code, metrics=headline(name, out) if done else {})
+            if entry["status"] == "finished":  # what the stages after it read, as it left it
+                entry["outputs"] = fingerprint(name, out)
             write_json_atomic(record_path, record)
             print(f"[{name}] {entry['status']} in {entry['wall_s']:.0f} s {entry['metrics'] or ''}", flush=True)
             if entry["status"] == "preempted":

@@ -15,6 +15,11 @@ agent neither times workers out nor turns a signal into a failure; (3) forwards 
 and the one that killed the launcher, to the workers (the launcher's children, or its orphans). The workers'
 own handler (kd.loop.PreemptionFlag) and their per-step all-reduce make every rank save the same step; a signal
 sent to one worker alone reaches all of them that way. The job's status is 0 when the workers exited 0.
+
+Nothing is left behind when a process of the chain is killed outright (SIGKILL, which no handler sees): the
+launcher gets SIGTERM when the wrapper dies (:func:`die_with_parent`), and a worker whose launcher died while
+the wrapper that started it is gone too stops as on a preemption signal (:func:`orphaned`, read by
+kd.loop.PreemptionFlag). pipeline.py starts the wrapper the same way, so the whole chain dies with the pipeline.
 """
 
 from __future__ import annotations
@@ -33,15 +38,47 @@ import time
 import psutil
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
-PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+LAUNCH_PID_ENV = "KD_LAUNCH_PID"  # the wrapper's pid, seen by every worker it launched
 STATUS_DIR_ENV = "KD_WORKER_STATUS_DIR"  # set by run(): each worker records its exit status there
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded here: a preexec_fn (after fork) only calls it
 
 
 def become_subreaper() -> None:
     """Linux: orphaned descendants are re-parented to this process instead of init."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def set_death_signal(signum: int) -> None:
+    """Linux: this process gets ``signum`` when its parent dies (SIGKILL included); 0: no more. Elsewhere nothing."""
+    if sys.platform.startswith("linux") and _libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def die_with_parent(signum: int = signal.SIGTERM):
+    """A ``preexec_fn`` for subprocess.Popen: the child gets ``signum`` when the process starting it dies, and at
+    once if that happened before the child could ask."""
+    parent = os.getpid()
+
+    def arm():
+        set_death_signal(signum)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signum)
+    return arm
+
+
+def orphaned(first_parent: int) -> bool:
+    """Whether a worker started by ``first_parent`` has lost its launch: outside launch.py, that parent died; under
+    it, the wrapper (named in the environment) is no longer among its ancestors. A worker the wrapper adopted from
+    a launcher that died is not: the wrapper passes on what ended the launcher."""
+    wrapper = os.environ.get(LAUNCH_PID_ENV)
+    if not wrapper:
+        return os.getppid() != first_parent
+    try:
+        return int(wrapper) not in {p.pid for p in psutil.Process().parents()}
+    except (psutil.Error, ValueError):
+        return True
 
 
 def _workers(launcher_pid: int, launcher_alive: bool) -> list[psutil.Process]:
@@ -88,7 +125,7 @@ def run(cmd: list[str], poll_s: float = 0.1) -> int:
     become_subreaper()
     status_dir = tempfile.mkdtemp(prefix="kd-worker-status-")
     env = dict(os.environ, PET_SIGNALS_TO_HANDLE=os.environ.get("PET_SIGNALS_TO_HANDLE", "SIGINT"),
-               **{STATUS_DIR_ENV: status_dir})
+               **{LAUNCH_PID_ENV: str(os.getpid()), STATUS_DIR_ENV: status_dir})
     try:
         status = _run(quiet_accelerate(cmd), env, poll_s)
         return 0 if status == 0 else worker_status(status_dir) or status
@@ -99,7 +136,7 @@ def run(cmd: list[str], poll_s: float = 0.1) -> int:
 
 
 def _run(cmd: list[str], env: dict, poll_s: float) -> int:
-    launcher = subprocess.Popen(cmd, env=env)
+    launcher = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGTERM))
     pending: list[int] = []  # signals received and not yet delivered to any worker
     received: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: (pending.append(signum), received.append(signum)))

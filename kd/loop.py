@@ -41,6 +41,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from kd.checkpoint import CheckpointManager, TrainState
+from kd.launcher import orphaned, set_death_signal
+
+_FIRST_PARENT = os.getppid()  # the launcher that started this process, before anything could orphan it
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +53,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1 (SLURM sends them before killing a job); read at the next step boundary."""
+    """Set by SIGTERM/SIGUSR1 (SLURM sends them before killing a job), or when the launch this process belongs to
+    died (kd.launcher.orphaned: its launcher killed outright, a wrapper gone with it); read at the next step
+    boundary. A worker whose launch is gone saves and stops rather than train on unseen, beside its rerun."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    PARENT_DIED = signal.SIGUSR2  # the death signal asked for: sent by the kernel when the parent dies
 
     def __init__(self):
         self.signum: int | None = None
@@ -61,18 +67,28 @@ class PreemptionFlag:
     def __enter__(self):
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
+        self._previous[self.PARENT_DIED] = signal.signal(self.PARENT_DIED, self._parent_died)
+        set_death_signal(self.PARENT_DIED)
+        self._parent_died(None, None)  # it may have died before we asked
         return self
 
     def _handle(self, signum, frame):
         self.signum = signum
 
+    def _parent_died(self, signum, frame):
+        if orphaned(_FIRST_PARENT):
+            self.signum = self.PARENT_DIED
+
     def __exit__(self, *exc):
+        set_death_signal(0)  # the closing records are written whole, whoever dies meanwhile
         # Once signalled, the process only finishes its records and exits: a repeat of the signal (a launcher's
         # agent and the wrapper may both pass it on, at any moment) must not kill it half-way through them.
         for s, handler in self._previous.items():
             signal.signal(s, signal.SIG_IGN if self.signum is not None else handler)
 
     def describe(self) -> str:
+        if self.signum == self.PARENT_DIED:
+            return "the end of its launcher (killed with the job that started it)"
         return signal.Signals(self.signum).name if self.signum else "a signal on another process"
 
 

@@ -7,11 +7,13 @@ product:
 ``${teacher}`` is the teacher's output dir (or the model it ``use``s), ``${augment}`` the augmented file;
 ``${pkg:NAME/sub/dir}`` is a directory inside an installed Python package (the offline models and vectors).
 Each stage writes under ``OUTPUT/<stage>``; ``OUTPUT/pipeline.json`` records what ran, with which command line,
-when, and its headline metrics.
+when, its headline metrics, and a fingerprint of what a finished stage left for the next ones (:func:`fingerprint`).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import importlib.util
 import os
 import re
@@ -33,10 +35,18 @@ RESERVED = {"output_dir", "output_file", "resume_from_checkpoint", "overwrite_ou
 STAGE_KEYS = {"launch", "use"}
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a stage stopped on a preemption signal; rerun (requeue) to continue
 _REF = re.compile(r"\$\{([^}]+)\}")
+# `accelerate launch` through the interpreter that runs the pipeline: its venv's launcher, whether or not the venv
+# is on PATH
+ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch")
 
 
 class RecipeError(ValueError):
-    pass
+    """One or more problems of a recipe, each one line; ``str()`` lists them all."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        super().__init__(problems[0] if len(problems) == 1 else
+                         "the recipe cannot run as it is:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass
@@ -72,25 +82,65 @@ def package_dir(spec: str) -> str:
 
 def load_recipe(path: str, overrides: list[str] = ()) -> dict[str, Stage]:
     """The recipe's stages in pipeline order, with ``--set STAGE.KEY=VALUE`` overrides applied (values parsed as
-    YAML). Raises RecipeError for an unknown stage, a reserved key, or a reference to a stage the recipe lacks."""
+    YAML). Raises RecipeError listing every problem: an unreadable file or one not shaped as a recipe, an unknown
+    stage, a reserved key, a value that is no script argument, a reference to a stage the recipe lacks."""
+    stages, problems = read_recipe(path, overrides)
+    if problems:
+        raise RecipeError(*problems)
+    return stages
+
+
+def read_recipe(path: str, overrides: list[str] = ()) -> tuple[dict[str, Stage], list[str]]:
+    """:func:`load_recipe`'s stages and its problems, for a caller that goes on to check the stages' arguments (so
+    that one run lists every problem). A file that cannot be read as a recipe raises RecipeError at once."""
     import yaml
 
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f)
+    except OSError as err:
+        raise RecipeError(f"cannot read the recipe {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path} is not a text file in UTF-8 ({err.reason} at byte {err.start})") from err
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        raise RecipeError(f"{path} is not valid YAML ({getattr(err, 'problem', None) or err}"
+                          + (f" at line {where.line + 1}, column {where.column + 1}" if where else "") + ")") from err
+    recipe = {} if recipe is None else recipe
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with 'launch', 'stages' and 'shared', not a "
+                          f"{type(recipe).__name__}")
     unknown = set(recipe) - {"launch", "stages", "shared"}
     if unknown:
         raise RecipeError(f"{path}: unknown top-level key(s) {sorted(unknown)}; a recipe has 'launch', 'stages' and "
                           "'shared' (YAML anchors for the stages to merge)")
-    raw = {name: dict(spec or {}) for name, spec in (recipe.get("stages") or {}).items()}
+    if not isinstance(recipe.get("stages") or {}, dict):
+        raise RecipeError(f"{path}: 'stages' is a {type(recipe['stages']).__name__}; it maps each stage name to its "
+                          "script's arguments (teacher: {model_name_or_path: ..., ...})")
+    problems = []
+    raw = {}
+    for name, spec in (recipe.get("stages") or {}).items():
+        if spec is not None and not isinstance(spec, dict):
+            problems.append(f"stage {name}: its arguments are a {type(spec).__name__}, not a mapping of flag: value")
+            continue
+        raw[name] = dict(spec or {})
     for item in overrides:
         key, sep, value = item.partition("=")
         stage, dot, flag = key.partition(".")
         if not sep or not dot:
             raise RecipeError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. prediction.temperature=2")
-        raw.setdefault(stage, {})[flag] = yaml.safe_load(value)
+        try:
+            raw.setdefault(stage, {})[flag] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)}); "
+                              "quote it") from err
     bad = [name for name in raw if name not in STAGES]
     if bad:
-        raise RecipeError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+        problems.append(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+    launch_default = recipe.get("launch")
+    if launch_default is not None and not isinstance(launch_default, str):
+        problems.append(f"'launch' is a {type(launch_default).__name__}; it names an Accelerate config file")
+        launch_default = None
     stages = {}
     for name in STAGES:
         if name not in raw:
@@ -98,23 +148,42 @@ def load_recipe(path: str, overrides: list[str] = ()) -> dict[str, Stage]:
         spec = raw[name]
         reserved = sorted(RESERVED & set(spec))
         if reserved:
-            raise RecipeError(f"stage {name}: {reserved} are set by the pipeline (each stage writes under "
-                              "OUTPUT/<stage> and resumes from its own checkpoints)")
+            problems.append(f"stage {name}: {reserved} are set by the pipeline (each stage writes under "
+                            "OUTPUT/<stage> and resumes from its own checkpoints)")
         if "use" in spec and name != "teacher":
-            raise RecipeError(f"stage {name}: 'use' (take a model as it is) applies to the teacher only")
-        launch, use = spec.pop("launch", recipe.get("launch")), spec.pop("use", None)
-        refs = {m.split(".")[0] for v in _values(spec) for m in _REF.findall(str(v)) if not m.startswith("pkg:")}
-        stages[name] = Stage(name, spec, launch if name in TRAINING else None, use, refs)
+            problems.append(f"stage {name}: 'use' (take a model as it is) applies to the teacher only")
+        launch, use = spec.pop("launch", launch_default), spec.pop("use", None)
+        for key in ("launch", "use"):
+            value = launch if key == "launch" else use
+            if value is not None and not isinstance(value, str):
+                problems.append(f"stage {name}: '{key}' is a {type(value).__name__}; it names "
+                                + ("an Accelerate config file" if key == "launch" else "a model (dir or hub name)"))
+        for key, value in spec.items():
+            if not all(isinstance(v, (str, int, float, bool)) for v in (value if isinstance(value, list) else [value])
+                       if v is not None):
+                problems.append(f"stage {name}: {key}: a {type(value).__name__} is no script argument (a value, or a "
+                                "list of values)")
+        refs = set()
+        for m in (m for v in _values(spec) for m in _REF.findall(str(v))):
+            if m.startswith("pkg:"):
+                continue
+            if m not in STAGES:
+                problems.append(f"stage {name}: ${{{m}}} names no stage; a reference is ${{STAGE}} (the stage's "
+                                "output: its dir, the augmented file for augment) or ${pkg:NAME/sub/dir}")
+            refs.add(m)  # a bad one too: the stage cannot be checked as if its inputs were there
+        stages[name] = Stage(name, spec, launch if name in TRAINING and isinstance(launch, str) else None,
+                             use if isinstance(use, str) else None, refs)
     for stage in stages.values():
-        missing = sorted(r for r in stage.refs if r not in stages)
-        if missing:
-            raise RecipeError(f"stage {stage.name} names ${{{missing[0]}}}, but the recipe has no {missing[0]} stage"
-                              + (" (a teacher to distil from: add a teacher stage, or 'use' a fine-tuned one)"
-                                 if missing[0] == "teacher" else ""))
-        late = sorted(r for r in stage.refs if STAGES.index(r) >= STAGES.index(stage.name))
-        if late:
-            raise RecipeError(f"stage {stage.name} names ${{{late[0]}}}, which comes after it")
-    return stages
+        for ref in sorted(stage.refs):
+            if ref not in STAGES:
+                continue  # said above
+            if ref not in stages:
+                problems.append(f"stage {stage.name} names ${{{ref}}}, but the recipe has no {ref} stage"
+                                + (" (a teacher to distil from: add a teacher stage, or 'use' a fine-tuned one)"
+                                   if ref == "teacher" else ""))
+            elif STAGES.index(ref) >= STAGES.index(stage.name):
+                problems.append(f"stage {stage.name} names ${{{ref}}}, which comes after it")
+    return stages, problems
 
 
 def _values(spec: dict):
@@ -148,13 +217,25 @@ def command(stage: Stage, output_dir: str, stages: dict[str, Stage], repo: str, 
         argv += ["--output_dir", out]
     if stage.name in TRAINING:
         argv += ["--resume_from_checkpoint", "latest"]
-        config = os.path.join(repo, stage.launch or "accelerate_configs/cpu.yaml")
+        config = launch_config(stage, repo)
         if launcher == "slurm":
             return ["srun", "--kill-on-bad-exit=1", "bash",  # tasks as allocated: one per node
                     os.path.join(repo, "slurm", "node_launch.sh"), config, os.path.join(repo, stage.script), *argv]
-        launch = ["accelerate", "launch", "--config_file", config]
+        launch = [*ACCELERATE_LAUNCH, "--config_file", config]
         return [sys.executable, os.path.join(repo, "launch.py"), *launch, os.path.join(repo, stage.script), *argv]
     return [sys.executable, os.path.join(repo, stage.script), *argv]
+
+
+def launch_config(stage: Stage, repo: str) -> str:
+    """The Accelerate config file a training stage runs with."""
+    return os.path.join(repo, stage.launch or "accelerate_configs/cpu.yaml")
+
+
+def same_command(old: list[str], new: list[str]) -> bool:
+    """Whether a recorded command line is ``new``; one recorded before the launcher was called through this
+    interpreter (``accelerate launch`` from PATH) counts as the same."""
+    i = next((i for i in range(len(old) - 1) if old[i:i + 2] == ["accelerate", "launch"]), None)
+    return (old if i is None else [*old[:i], *ACCELERATE_LAUNCH, *old[i + 2:]]) == new
 
 
 def shell_line(cmd: list[str]) -> str:
@@ -167,6 +248,67 @@ def finished_marker(stage: str, output_dir: str) -> str:
     return {"augment": os.path.join(out, "train-aug.json"), "student_init": os.path.join(out, "student_origin.json"),
             "evaluate": os.path.join(out, "eval_results.json"), "report": os.path.join(out, "report.json")
             }.get(stage, os.path.join(out, "all_results.json"))
+
+
+# What a finished stage leaves for the stages after it, besides its marker: the model (config, weights, vocabulary)
+OUTPUT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "tokenizer.json", "vocab.*",
+                "merges.txt")
+
+
+def output_files(stage: str, output_dir: str) -> list[str]:
+    """The files of a finished stage that later stages read (paths relative to its dir)."""
+    out = os.path.join(output_dir, stage)
+    found = {os.path.relpath(finished_marker(stage, output_dir), out)}
+    found.update(os.path.relpath(p, out) for pattern in OUTPUT_FILES
+                 for p in glob.glob(os.path.join(glob.escape(out), pattern)) if os.path.isfile(p))
+    return sorted(found)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(stage: str, output_dir: str, known: dict | None = None) -> dict[str, dict]:
+    """``{file: {"size", "mtime_ns", "sha256"}}`` of :func:`output_files`. The content decides (a copy that only
+    changed the times is the same output), but it is read once: a file whose size and mtime are as in ``known``
+    keeps its recorded hash. So a finished stage costs one read of its model when it finishes (seconds for a
+    large model, against hours of training) and a stat per file on every rerun."""
+    out, known = os.path.join(output_dir, stage), known or {}
+    prints = {}
+    for name in output_files(stage, output_dir):
+        st = os.stat(os.path.join(out, name))
+        old = known.get(name) or {}
+        same = old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256")
+        prints[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                        "sha256": old["sha256"] if same else _sha256(os.path.join(out, name))}
+    return prints
+
+
+def changed_outputs(stage: str, output_dir: str, recorded: dict[str, dict]) -> tuple[list[str], dict]:
+    """What differs from a finished stage's recorded fingerprint (``["model.safetensors: 1000 bytes, was 2000",
+    "config.json: missing"]``; empty: unchanged) and the fingerprint as it is now (same hashes, fresh times)."""
+    out = os.path.join(output_dir, stage)
+    if not os.path.isdir(out):
+        return [f"{stage}/: missing"], {}
+    changes, now = [], {}
+    for name, old in sorted(recorded.items()):
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            changes.append(f"{name}: missing")
+            continue
+        st = os.stat(path)
+        if st.st_size != old.get("size"):
+            changes.append(f"{name}: {st.st_size} bytes, was {old.get('size')}")
+            continue
+        digest = old.get("sha256") if st.st_mtime_ns == old.get("mtime_ns") else _sha256(path)
+        if digest != old.get("sha256"):
+            changes.append(f"{name}: other content (sha256 {digest[:12]}, was {str(old.get('sha256'))[:12]})")
+        now[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    return changes if len(changes) <= 3 else [*changes[:3], f"{len(changes) - 3} more"], now
 
 
 def argv_flags(argv: list[str]) -> dict[str, list[str]]:

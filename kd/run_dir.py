@@ -10,11 +10,15 @@ non-empty output dir.
 ``--overwrite_output_dir`` deletes only what the tool itself wrote there, and never an input: every script with
 the flag asks :func:`overwrite_refusal` first (training runs: the names of :data:`RUN_OUTPUTS`, theirs when the dir
 has a ``run.json``; export_onnx.py: the whole dir, when its ``export_report.json`` lists every name in it).
+
+A pipeline holds its whole output dir for as long as it runs (:func:`hold_dir`): a second one on the same dir is
+refused while the first, or a stage it started, is alive.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import json
 import os
@@ -124,3 +128,25 @@ def claim_output_dir(output_dir: str, resume: bool, overwrite: bool, script: str
         write_json_atomic(os.path.join(output_dir, RUN_FILE), {"run_id": run_id, "script": script,
                                                                "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return run_id
+
+
+def hold_dir(output_dir: str, lock_name: str) -> int:
+    """Take the exclusive lock ``output_dir/lock_name`` (created with the dir) for this process and write its pid
+    there; returns the lock's fd, held until it is closed in every process that inherited it (a stage passed it
+    keeps the dir taken until it ends, even when the process that took it was killed). Raises
+    OutputDirInUseError naming the holder's pid when another process holds it."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, lock_name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(path) as f:
+            holder = f.read().strip() or "unknown"
+        os.close(fd)
+        raise OutputDirInUseError(f"{output_dir} is in use by another run (pid {holder} holds {path}, it or a "
+                                  "stage it started is still running); wait for it to end, or choose another "
+                                  "--output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

@@ -293,6 +293,35 @@ def test_preemption_signal_anywhere_saves_once_and_exits_0(student_dir, squad_fi
     assert not (out / "all_results.json").exists()
 
 
+@pytest.mark.parametrize("kind", ["accelerate", "torchrun"])
+def test_workers_whose_launch_was_killed_save_once_and_stop(student_dir, squad_fixture_path, tmp_path, kind):
+    """kill -9 of launch.py (no handler of it runs, as when pipeline.py above it is killed with its group): the
+    launcher gets SIGTERM as the wrapper dies, and workers whose launch is gone save one checkpoint and exit
+    rather than train on unseen beside a rerun."""
+    out = tmp_path / "run"
+    cmd, env = _launcher_cmd(kind, _args(student_dir, squad_fixture_path, out, "--num_train_epochs", 200))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    wrapper = psutil.Process(proc.pid)
+    log, deadline = out / "train_log.jsonl", time.time() + 300
+    while not (log.exists() and len(read_jsonl(log)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training ended or stalled before the kill"
+        time.sleep(0.1)
+    everyone = [wrapper, *wrapper.children(recursive=True)]
+    assert len(everyone) == (3 if kind == "accelerate" else 4)
+    wrapper.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(everyone, timeout=120)
+    output = proc.stdout.read()
+    assert not alive, f"left running: {alive}\n{output[-3000:]}"
+    # accelerate launch passes its SIGTERM on; torch's agent dies of it and the workers see their launch gone
+    assert ("Preempted by SIGTERM" if kind == "accelerate" else "Preempted by the end of its launcher") in output, \
+        output[-3000:]
+    record = read_json(out / "preempted.json")
+    assert record["status"] == "preempted" and os.path.isfile(os.path.join(record["checkpoint"], STATE_FILE))
+    assert len(os.listdir(out / "checkpoints")) == 1 and not (out / "all_results.json").exists()
+
+
 def test_resuming_a_finished_run_trains_no_extra_step(student_dir, squad_fixture_path, tmp_path):
     """A requeued job that finished just before its requeue reruns the same command: nothing more is trained."""
     out = tmp_path / "done"

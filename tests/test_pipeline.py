@@ -1,23 +1,27 @@
-"""pipeline.py end to end on a tiny recipe: every stage chained, skipped when done, resumed after a signal."""
+"""pipeline.py end to end on a tiny recipe: every stage chained, skipped when done, resumed after a signal; one
+pipeline per output dir, nothing left running when it is killed, every recipe problem found before anything runs."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
 
 import pipeline
-from kd.pipeline import PREEMPTED_EXIT, RecipeError, load_recipe
+from kd.pipeline import (ACCELERATE_LAUNCH, PREEMPTED_EXIT, RecipeError, changed_outputs, fingerprint,
+                         load_recipe, same_command)
 from tests.conftest import FIXTURES_DIR, fixture_texts
-from tests.helpers import REPO_ROOT, read_json, script_env
+from tests.helpers import REPO_ROOT, read_json, read_jsonl, script_env
 
-pytestmark = pytest.mark.slow
 WINDOW = {"max_seq_length": 128, "doc_stride": 48, "max_query_length": 32}
 
 
@@ -67,8 +71,8 @@ def _recipe(tmp_path, teacher_base, glove, name="recipe", **changes) -> str:
     return str(path)
 
 
-def _run(*argv, check=True):
-    env = {**script_env(), "KD_CACHE": str(argv[argv.index("--output_dir") + 1]) + "_cache"}
+def _run(*argv, check=True, **env):
+    env = {**script_env(), "KD_CACHE": str(argv[argv.index("--output_dir") + 1]) + "_cache", **env}
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline.py"), *map(str, argv)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -76,6 +80,7 @@ def _run(*argv, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_chained_then_skips_and_resumes(tiny_bert_qa_dir, tiny_glove, tmp_path):
     recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove)
     out = tmp_path / "run"
@@ -136,6 +141,7 @@ def test_pipeline_runs_every_stage_chained_then_skips_and_resumes(tiny_bert_qa_d
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
 
 
+@pytest.mark.slow
 def test_recipe_errors_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_path):
     recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, prediction__no_such_flag=1, teacher__max_seq_length=600)
     proc = _run("--recipe", recipe, "--output_dir", tmp_path / "out", check=False)
@@ -154,6 +160,216 @@ def test_recipe_errors_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_pa
         load_recipe(recipe, ["prediction.output_dir=x"])
 
 
+# --- the recipe and the record, checked whole before anything runs (fast: nothing trains) --------------------------
+def test_every_problem_of_every_stage_is_listed_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_path):
+    """Later stages' inputs do not exist yet: their types, choices, references and launch configs are checked all
+    the same, and every problem is listed in one go."""
+    recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, prediction__max_train_steps="many",
+                     student_kd__keep_checkpoints="sometimes", student_nokd__model_name_or_path="${student_init.model}",
+                     evaluate__model_name_or_path="${nosuch}", task_intermediate__launch="accelerate_configs/nope.yaml",
+                     general__layer_map={"a": 1})
+    out = tmp_path / "out"
+    proc = _run("--recipe", recipe, "--output_dir", out, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for expected in ("stage prediction: argument --max_train_steps: invalid positive_int value: 'many'",
+                     "stage student_kd: argument --keep_checkpoints: invalid choice: 'sometimes'",
+                     "stage student_nokd: ${student_init.model} names no stage",
+                     "stage evaluate: ${nosuch} names no stage",
+                     "stage task_intermediate: cannot read its launch config",
+                     "stage general: layer_map: a dict is no script argument"):
+        assert expected in proc.stderr, proc.stderr
+    assert sorted(os.listdir(out)) == ["pipeline.lock"]  # no stage ran, nothing recorded
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("stages: {teacher: [1\n", "is not valid YAML"),
+    ("stages:\n  - teacher\n  - prediction\n", "'stages' is a list"),
+    ("- stages\n", "a recipe is a mapping"),
+    ("stages:\n  teacher: 3\n", "stage teacher: its arguments are a int"),
+])
+def test_a_malformed_recipe_is_one_line_and_exit_2(tmp_path, text, expected):
+    (tmp_path / "r.yaml").write_text(text)
+    proc = _run("--recipe", tmp_path / "r.yaml", "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("pipeline.py: error: ") and expected in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+@pytest.mark.parametrize("record", ['{"stages": {"teacher": {"status": "fini', '[1, 2]'])
+def test_an_unreadable_pipeline_json_is_one_line_and_exit_2(tiny_bert_qa_dir, tiny_glove, tmp_path, record):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pipeline.json").write_text(record)
+    proc = _run("--recipe", _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove), "--output_dir", out, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"pipeline.py: error: {out / 'pipeline.json'}, the record of what ran, is "
+                                  "unreadable")
+    assert len(proc.stderr.strip().splitlines()) == 1 and (out / "pipeline.json").read_text() == record
+
+
+def test_fingerprint_sees_content_not_times(tmp_path):
+    stage = tmp_path / "teacher"
+    stage.mkdir()
+    (stage / "all_results.json").write_text('{"status": "finished"}')
+    (stage / "model.safetensors").write_bytes(b"w" * 1000)
+    (stage / "config.json").write_text("{}")
+    (stage / "train_log.jsonl").write_text("{}\n")  # not read by later stages: not part of it
+    recorded = fingerprint("teacher", str(tmp_path))
+    assert sorted(recorded) == ["all_results.json", "config.json", "model.safetensors"]
+    assert changed_outputs("teacher", str(tmp_path), recorded)[0] == []
+    os.utime(stage / "model.safetensors", ns=(1, 1))  # copied without its times: same output
+    changes, now = changed_outputs("teacher", str(tmp_path), recorded)
+    assert changes == [] and now["model.safetensors"]["mtime_ns"] == 1
+    assert now["model.safetensors"]["sha256"] == recorded["model.safetensors"]["sha256"]
+    (stage / "model.safetensors").write_bytes(b"x" * 1000)  # same size, other weights
+    assert changed_outputs("teacher", str(tmp_path), recorded)[0][0].startswith("model.safetensors: other content")
+    (stage / "model.safetensors").write_bytes(b"w" * 10)  # truncated
+    assert changed_outputs("teacher", str(tmp_path), recorded)[0] == ["model.safetensors: 10 bytes, was 1000"]
+    os.remove(stage / "config.json")
+    assert "config.json: missing" in changed_outputs("teacher", str(tmp_path), recorded)[0]
+
+
+# --- one pipeline per output dir; signals and kills --------------------------------------------------------------
+def _small_recipe(tmp_path, teacher_base, steps=30, name="small") -> str:
+    """A teacher trained ``steps`` steps (a checkpoint and a log line each), then a student cut from it."""
+    squad = str(FIXTURES_DIR / "squad_v2_dev_slice.json")
+    stages = {"teacher": dict(model_name_or_path=str(teacher_base), train_file=squad, max_train_steps=steps,
+                              checkpointing_steps=1, logging_steps=1, keep_checkpoints="last",
+                              per_device_train_batch_size=4, learning_rate=1e-3, seed=3, **WINDOW),
+              "student_init": dict(teacher_name_or_path="${teacher}", layers="2")}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"launch": "accelerate_configs/cpu.yaml", "stages": stages}, sort_keys=False))
+    return str(path)
+
+
+def _start(recipe, out, **env):
+    env = {**script_env(), "KD_CACHE": str(out) + "_cache", **env}
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "pipeline.py"), "--recipe", recipe, "--output_dir",
+                             str(out)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(condition, proc, what, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the pipeline ended before {what}:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _losses(log) -> list[int]:
+    try:
+        return [r["step"] for r in read_jsonl(log) if "train/loss" in r]
+    except (OSError, ValueError):  # not there yet, or a line half-written
+        return []
+
+
+@pytest.mark.slow
+def test_a_killed_pipeline_leaves_no_trainer_behind_and_one_pipeline_holds_a_dir(tiny_bert_qa_dir, tmp_path):
+    recipe = _small_recipe(tmp_path, tiny_bert_qa_dir)
+    out = tmp_path / "killed"
+    first = _start(recipe, out)
+    log = out / "teacher" / "train_log.jsonl"
+    _wait_for(lambda: len(_losses(log)) >= 3, first, "3 training steps")
+
+    # a second pipeline on the same dir is refused at once, naming the first
+    second = _run("--recipe", recipe, "--output_dir", out, check=False)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"is in use by another run (pid {first.pid} " in second.stderr
+
+    # kill -9 of the pipeline: its stage (launch.py, accelerate launch, the training script) stops with it
+    stage = psutil.Process(first.pid).children(recursive=True)
+    assert len(stage) >= 3, stage
+    first.kill()
+    first.communicate()
+    lock = os.open(out / "pipeline.lock", os.O_RDWR)
+    try:  # the dir stays taken while the stage ends (it saves a checkpoint): a rerun cannot start beside it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not [p for p in stage if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(lock)
+    gone, alive = psutil.wait_procs(stage, timeout=120)
+    assert not alive, f"left running after the pipeline was killed: {alive}"
+
+    # the rerun, with the venv's bin not on PATH (the stage calls accelerate through this interpreter): each step
+    # trained and logged once, and the teacher of an uninterrupted run
+    _run("--recipe", recipe, "--output_dir", out, PATH="/usr/bin:/bin")
+    assert _losses(log) == list(range(1, 31))
+    _run("--recipe", recipe, "--output_dir", tmp_path / "uninterrupted", PATH="/usr/bin:/bin")
+    a, b = (load_file(d / "teacher" / "model.safetensors") for d in (out, tmp_path / "uninterrupted"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for ``signum`` installed (Linux: SigCgt in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.slow
+def test_a_signal_before_or_after_a_stage_stops_the_pipeline_before_the_next(tiny_bert_qa_dir, tmp_path):
+    recipe = _small_recipe(tmp_path, tiny_bert_qa_dir, steps=3)
+
+    # SIGTERM as soon as the pipeline can hear it, while it checks the recipe: no stage starts
+    out = tmp_path / "early"
+    proc = _start(recipe, out)
+    _wait_for(lambda: _catches(proc.pid, signal.SIGTERM), proc, "a SIGTERM handler")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert "pipeline.py: stopped on SIGTERM before stage teacher; rerun the same command to continue." in output
+    assert not (out / "teacher").exists()
+
+    # SIGINT (Ctrl-C) once the teacher wrote its results: the student is not started
+    out = tmp_path / "late"
+    proc = _start(recipe, out)
+    _wait_for(lambda: (out / "teacher" / "all_results.json").exists(), proc, "the teacher's results")
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT and "rerun the same command to continue" in output, output[-3000:]
+    assert "Traceback" not in output and list(read_json(out / "pipeline.json")["stages"]) == ["teacher"]
+    assert not (out / "student_init").exists()
+
+
+@pytest.mark.slow
+def test_a_changed_or_missing_output_reruns_its_stage_and_every_one_after(tiny_bert_qa_dir, tmp_path):
+    recipe = _small_recipe(tmp_path, tiny_bert_qa_dir, steps=2)
+    out = tmp_path / "run"
+    _run("--recipe", recipe, "--output_dir", out)
+    weights = out / "teacher" / "model.safetensors"
+    before = {k: v.clone() for k, v in load_file(weights).items()}  # not the mapped file, truncated below
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:size // 2])  # truncated (a full disk, a copy cut short)
+
+    proc = _run("--recipe", recipe, "--output_dir", out)
+    assert (f"[teacher] runs again: its output changed since it finished (model.safetensors: {size // 2} bytes, "
+            f"was {size})") in proc.stdout
+    assert "[student_init] runs again: it comes after teacher, which runs again" in proc.stdout
+    assert "skipped" not in proc.stdout
+    after = load_file(weights)
+    assert after.keys() == before.keys() and all((after[k] - before[k]).abs().max() <= 1e-6 for k in after)
+
+    shutil.rmtree(out / "student_init")  # deleted: it runs again, the teacher it reads is kept
+    proc = _run("--recipe", recipe, "--output_dir", out)
+    assert "[teacher] finished before: skipped" in proc.stdout
+    assert "[student_init] runs again: its output changed since it finished (student_init/: missing)" in proc.stdout
+    assert all(s["status"] == "finished" for s in read_json(out / "pipeline.json")["stages"].values())
+
+
+def test_a_command_recorded_with_accelerate_from_path_is_the_same_command():
+    """Stages call accelerate through the pipeline's interpreter (its venv need not be on PATH); a run recorded
+    when they called `accelerate launch` from PATH is not taken for one with other settings."""
+    new = [sys.executable, "launch.py", *ACCELERATE_LAUNCH, "--config_file", "c.yaml", "train.py", "--seed", "1"]
+    assert ACCELERATE_LAUNCH == (sys.executable, "-m", "accelerate.commands.launch")
+    assert same_command([sys.executable, "launch.py", "accelerate", "launch", "--config_file", "c.yaml", "train.py",
+                         "--seed", "1"], new)
+    assert not same_command([sys.executable, "launch.py", "accelerate", "launch", "--config_file", "c.yaml",
+                             "train.py", "--seed", "2"], new)
+
+
+@pytest.mark.slow
 def test_a_prediction_stage_distils_across_tokenizers(tiny_bert_qa_dir, tiny_roberta_qa_dir, tmp_path):
     """A WordPiece teacher used as is, a byte-level BPE student: the recipe check lets it through and the stage
     trains on the carried distributions."""
