@@ -79,7 +79,7 @@ def main(argv=None):
                          "pruning edits its tokenizer.json")
         tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
         try:
-            model = tokenizer_model(tokenizer_json)
+            vocab_model = tokenizer_model(tokenizer_json)
         except ValueError as e:
             parser.error(f"cannot prune the vocabulary of {args.teacher_name_or_path}: {e}")
         if len(tokenizer) > config.vocab_size:
@@ -96,7 +96,7 @@ def main(argv=None):
             parser.error(str(e))
         texts = list(dict.fromkeys(examples["context"])) + list(examples["question"])  # each paragraph once
         counts = token_counts(tokenizer_json, texts)
-        keep = sorted(choose_tokens(counts, required, merge_parents(model), args.vocab_size,
+        keep = sorted(choose_tokens(counts, required, merge_parents(vocab_model), args.vocab_size,
                                     args.vocab_coverage or 1.0))
         prune = {"data_file": args.prune_vocab_file, "teacher_vocab_size": config.vocab_size,
                  "vocab_size": len(keep), "required_tokens": len(required),

@@ -81,7 +81,8 @@ def with_ancestors(ids, parents: dict[int, list[tuple[int, int]]]) -> set[int]:
 
 def required_ids(tokenizer_json: dict, special_ids) -> set[int]:
     """The ids every pruned vocabulary keeps whatever the data: ``special_ids`` (the tokenizer's special tokens
-    and the ids the model's config names), every added token, every one-character token (alone or with the
+    and the ids the model's config names), every added token and every token the post-processor inserts, every
+    one-character token (alone or with the
     model's continuing-subword prefix / end-of-word suffix), byte-fallback tokens ``<0x..>``, and their BPE
     merge ancestors."""
     model = tokenizer_model(tokenizer_json)
@@ -96,6 +97,8 @@ def required_ids(tokenizer_json: dict, special_ids) -> set[int]:
         return token
 
     ids = set(special_ids) | {a["id"] for a in tokenizer_json.get("added_tokens", [])}
+    ids |= {model["vocab"][t] for t in _post_processor_tokens(tokenizer_json.get("post_processor"))
+            if t in model["vocab"]}
     ids |= {i for t, i in model["vocab"].items() if len(core(t)) == 1 or _BYTE_FALLBACK.match(t)}
     if model.get("unk_token") in model["vocab"]:
         ids.add(model["vocab"][model["unk_token"]])
@@ -163,6 +166,15 @@ def prune_tokenizer_json(tokenizer_json: dict, keep_ids: list[int]) -> dict:
     if out.get("padding") and out["padding"].get("pad_token") in new_id:
         out["padding"]["pad_id"] = new_id[out["padding"]["pad_token"]]
     return out
+
+
+def _post_processor_tokens(processor: dict | None) -> set[str]:
+    """The special tokens a post-processor inserts (see :func:`_remap_post_processor`)."""
+    if not processor:
+        return set()
+    tokens = {t for inner in processor.get("processors") or [] for t in _post_processor_tokens(inner)}
+    tokens |= {t for spec in (processor.get("special_tokens") or {}).values() for t in spec["tokens"]}
+    return tokens | {processor[k][0] for k in ("cls", "sep") if isinstance(processor.get(k), list)}
 
 
 def _remap_post_processor(processor: dict | None, new_id: dict[str, int]) -> None:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
 
 import make_student
-from kd.vocab import prune_model_vocab, tokenizer_model
+from kd.vocab import prune_model_vocab, required_ids, tokenizer_model
 from tests.conftest import fixture_texts
 from tests.helpers import REPO_ROOT, launch, read_json, script_env
 
@@ -187,6 +187,14 @@ def test_vocab_pruning_composes_with_layers_and_a_bare_encoder(tiny_roberta_qa_d
     teacher = AutoModel.from_pretrained(tiny_roberta_qa_dir)
     torch.testing.assert_close(student.encoder.layer[0].state_dict(), teacher.encoder.layer[1].state_dict())
     assert read_json(out / "student_origin.json")["teacher_layers_kept"] == [2]
+
+
+def test_tokens_the_post_processor_inserts_are_required(tiny_bert_qa_dir):
+    tokenizer_json = json.loads((tiny_bert_qa_dir / "tokenizer.json").read_text())
+    tokenizer_json["added_tokens"] = []  # so that only the post-processor names [CLS] and [SEP]
+    vocab = tokenizer_json["model"]["vocab"]
+    required = required_ids(tokenizer_json, special_ids=set())
+    assert {vocab["[CLS]"], vocab["[SEP]"]} <= required and vocab["[MASK]"] not in required
 
 
 def test_pruning_keeps_a_tied_output_embedding_and_its_bias():
