@@ -30,6 +30,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """A share in (0, 1], e.g. 0.99."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], e.g. 0.99, got {text}")
+    return value
+
+
 def _group(title: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
     parser = argparse.ArgumentParser(add_help=False)
     return parser, parser.add_argument_group(title)

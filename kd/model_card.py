@@ -198,7 +198,7 @@ def what_it_is(record: dict, facts: dict) -> str:
         layers = origin.get("teacher_layers_kept")
         lines.append(f"The student keeps the embeddings and blocks {layers} of the teacher {_name(teacher)}"
                      + (f" (of its {facts['teacher_num_hidden_layers']})" if facts.get("teacher_num_hidden_layers")
-                        else "") + ", weights copied, and its tokenizer.")
+                        else "") + ", weights copied, and its tokenizer" + _pruned_vocab(origin.get("vocab")) + ".")
     elif teacher:
         start = ("a random initialisation of size " + json.dumps(origin["size"]) if "size" in origin else
                  f"blocks {origin['teacher_layers']} of the teacher" if "teacher_layers" in origin else
@@ -228,6 +228,15 @@ def what_it_is(record: dict, facts: dict) -> str:
         lines.append("Not trained since its layers were cut from the teacher: distil it (train_task_intermediate.py, "
                      "train_prediction.py) before use.")
     return "\n".join(lines)
+
+
+def _pruned_vocab(vocab: dict | None) -> str:
+    """make_student.py --prune_vocab_file's pruning, as the end of a sentence ('' without it)."""
+    if not vocab:
+        return ""
+    return (f", with its vocabulary pruned to {vocab['vocab_size']} of {vocab['teacher_vocab_size']} tokens "
+            f"(the most frequent of `{vocab['data_file']}`, {100 * vocab['coverage']:.1f} % of its tokens, and "
+            "every single character, so no text gets a new unknown token)")
 
 
 def data_section(record: dict) -> str:

@@ -192,7 +192,10 @@ def test_make_student_writes_a_minimal_card(tiny_bert_qa_dir, tmp_path):
     assert "student-init" in meta["tags"] and "base_model" not in meta  # a local teacher
     assert f"blocks [2] of the teacher `{tiny_bert_qa_dir}` (a local path) (of its 2)" in card
     assert "Size: 1 layer, hidden size 32" in card and "python make_student.py \\\n    --teacher_name_or_path" in card
-    assert read_json(out / "student_origin.json") == {"teacher": str(tiny_bert_qa_dir), "teacher_layers_kept": [2]}
+    origin = read_json(out / "student_origin.json")
+    assert {k: origin.pop(k) for k in ("teacher_parameters", "student_parameters")} == {
+        "teacher_parameters": 66146, "student_parameters": 66146 - 8544}  # one block of hidden 32, FFN 64 fewer
+    assert origin == {"teacher": str(tiny_bert_qa_dir), "teacher_layers_kept": [2]}
 
 
 def test_push_to_hub_offline_fails_clearly_after_the_whole_local_output(tiny_bert_qa_dir, squad_fixture_path,
