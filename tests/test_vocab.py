@@ -284,6 +284,21 @@ def test_pruned_student_trains_with_train_prediction(pruned_bert, squad_fixture_
     assert len(AutoTokenizer.from_pretrained(run)) == BERT_VOCAB
 
 
+def test_pruned_student_is_distilled_from_its_full_vocabulary_teacher(pruned_bert, tiny_bert_qa_dir,
+                                                                       squad_fixture_path, tmp_path):
+    """The pruned vocabulary is another tokenizer: the teacher's distributions reach it across tokenizers."""
+    out, _ = pruned_bert
+    run = tmp_path / "run"
+    launch("train_prediction.py", ["--model_name_or_path", out, "--teacher_name_or_path", tiny_bert_qa_dir,
+                                   "--teacher_cache_dir", tmp_path / "cache", "--train_file", squad_fixture_path,
+                                   "--output_dir", run, "--per_device_train_batch_size", "8", "--max_train_steps",
+                                   "2", "--max_seq_length", "128", "--doc_stride", "48", "--max_query_length", "32"])
+    results = read_json(run / "all_results.json")
+    assert results["status"] == "finished"
+    assert results["teacher_tokenization"] == f"differs from the student's: vocabularies differ ({BERT_VOCAB} vs " \
+                                              f"{len(AutoTokenizer.from_pretrained(tiny_bert_qa_dir))} entries)"
+
+
 def test_real_minilm_pruned_to_the_fixture(minilm_path, squad_fixture_path, tmp_path):
     """The real uncased WordPiece vocabulary (30,522, 997 single characters): no new [UNK] on the fixture or on
     text outside it, and the same hidden states where the tokens are unchanged."""
