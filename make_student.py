@@ -5,6 +5,8 @@ vocabulary to the tokens some data uses.
     python make_student.py --teacher_name_or_path deepset/roberta-base-squad2 --layers every_other --output_dir s
     python make_student.py --teacher_name_or_path runs/teacher --layers 2,4,6 \\
         --prune_vocab_file data/train-v2.0.json --vocab_size 16000 --output_dir runs/student_init
+    python make_student.py --teacher_name_or_path runs/teacher --target_speedup 2.0 --max_seq_length 384 \\
+        --output_dir runs/student_init     # the deepest student at least twice as fast here
 
 Layers are 1-based block numbers (0 is the embedding output, always kept); without --layers every block is kept.
 The student keeps the teacher's tokenizer, embeddings and heads (a QA head too, when the teacher has one), and
@@ -13,20 +15,30 @@ still tokenizes without new unknowns), and the most frequent tokens of that SQuA
 --vocab_size in all, or the fewest covering --vocab_coverage of its tokens (default: every token it uses); the
 embedding rows and the tokenizer follow (kd/vocab.py). Beside the model: the teacher's windows (qa_settings.json),
 a README.md model card and student_origin.json (what was kept, parameters before and after).
+
+--target_speedup X (or --target_latency_ms Y) chooses the layers instead of --layers: the teacher and a student of
+every smaller depth (its blocks spread evenly, the last kept) are timed side by side on this machine, on a batch of
+--per_device_eval_batch_size windows of --max_seq_length tokens (--warmup_batches, then --timing_batches rounds;
+PyTorch, and ONNX Runtime where installed), the table is printed (layers, vocabulary, parameters, size, p50/p95
+latency, speed-up) and saved as speed_table.md, and the largest student meeting the target is built. Run it on
+the kind of machine the student will serve on, otherwise idle.
 """
 
 import argparse
 import json
 import os
+import tempfile
 
 from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
 
-from kd.args import fraction, positive_int
+from kd.args import fraction, positive_float, positive_int
 from kd.files import write_text_atomic
 from kd.model_card import write_model_card
-from kd.models import save_weights
+from kd.models import save_weights, usable_positions
 from kd.qa_settings import ANSWER_KEYS, WINDOW_KEYS, load_qa_settings, save_qa_settings
 from kd.records import command_record
+from kd.speed import candidate_table, choose
+from kd.speed import markdown as speed_markdown
 from kd.squad import SquadFormatError, load_squad
 from kd.student import parse_layer_selection, student_from_teacher_layers
 from kd.vocab import (choose_tokens, config_token_ids, coverage, merge_parents, prune_model_vocab,
@@ -52,15 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--vocab_coverage", type=fraction, default=None,
                       help="Keep the fewest most frequent tokens that cover this share of the data's tokens "
                            "(plus the required ones); default 1.0: every token the data uses.")
+    t = parser.add_argument_group("sized to a speed target (instead of --layers)")
+    target = t.add_mutually_exclusive_group()
+    target.add_argument("--target_speedup", type=positive_float, default=None,
+                        help="Build the largest student at least this many times faster than the teacher here.")
+    target.add_argument("--target_latency_ms", type=positive_float, default=None,
+                        help="Build the largest student whose median latency here is at most this.")
+    t.add_argument("--max_seq_length", type=positive_int, default=384, help="Window length the timing uses.")
+    t.add_argument("--per_device_eval_batch_size", type=positive_int, default=1, help="Batch the timing uses.")
+    t.add_argument("--warmup_batches", type=positive_int, default=3)
+    t.add_argument("--timing_batches", type=positive_int, default=20,
+                   help="Timed rounds (one batch of every model per round, in turn).")
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.layers is None and args.prune_vocab_file is None:
-        parser.error("give --layers (the teacher blocks to keep), --prune_vocab_file (data to prune the "
-                     "vocabulary to) or both")
+    sized = args.target_speedup is not None or args.target_latency_ms is not None
+    if args.layers is None and args.prune_vocab_file is None and not sized:
+        parser.error("give --layers (the teacher blocks to keep), --target_speedup / --target_latency_ms (to "
+                     "choose them), --prune_vocab_file (data to prune the vocabulary to), or layers and pruning")
+    if args.layers is not None and sized:
+        parser.error("--layers names the blocks, --target_speedup / --target_latency_ms chooses them: give one")
     if args.prune_vocab_file is None and (args.vocab_size or args.vocab_coverage):
         parser.error("--vocab_size / --vocab_coverage size a pruned vocabulary: give --prune_vocab_file too")
 
@@ -106,6 +132,30 @@ def main(argv=None):
 
     auto = AutoModelForQuestionAnswering if args.head == "qa" else AutoModel
     teacher = auto.from_pretrained(args.teacher_name_or_path)
+    speed = None
+    if sized:  # time the teacher and every smaller depth here, side by side; keep the largest that is fast enough
+        if args.max_seq_length > usable_positions(config):
+            parser.error(f"--max_seq_length {args.max_seq_length} exceeds the {usable_positions(config)} positions "
+                         f"of {args.teacher_name_or_path}")
+        with tempfile.TemporaryDirectory() as onnx_dir:
+            rows = candidate_table(teacher, tokenizer, list(range(1, config.num_hidden_layers)),
+                                   seq_len=args.max_seq_length, batch_size=args.per_device_eval_batch_size,
+                                   warmup=args.warmup_batches, rounds=args.timing_batches, onnx_dir=onnx_dir,
+                                   vocab_size=prune["vocab_size"] if prune else None)
+        chosen = choose(rows, args.target_speedup, args.target_latency_ms)
+        table = speed_markdown(rows, chosen)
+        print(table, end="")
+        if chosen is None:
+            best = max((r for r in rows if not r["is_teacher"]), key=lambda r: r["speedup"], default=None)
+            wanted = (f"a speed-up of {args.target_speedup:g}x" if args.target_speedup is not None else
+                      f"a median latency of {args.target_latency_ms:g} ms")
+            parser.error(f"no student of {args.teacher_name_or_path} reaches {wanted} here (the fastest, "
+                         f"{best['layers'] if best else []}, gives {best['speedup'] if best else 0:.2f}x, "
+                         f"{best['latency_ms_p50'] if best else 0:.1f} ms); lower the target or the window")
+        layers = chosen["layers"]
+        speed = {"target_speedup": args.target_speedup, "target_latency_ms": args.target_latency_ms,
+                 "max_seq_length": args.max_seq_length, "batch_size": args.per_device_eval_batch_size,
+                 "timing_batches": args.timing_batches, "chosen_layers": layers, "rows": rows}
     student = student_from_teacher_layers(teacher, layers) if layers else teacher
     layers = layers or list(range(1, config.num_hidden_layers + 1))
     if prune:
@@ -128,7 +178,9 @@ def main(argv=None):
     parameters = {"teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                   "student_parameters": sum(p.numel() for p in student.parameters())}
     origin = {"teacher": args.teacher_name_or_path, "teacher_layers_kept": layers, **parameters,
-              **({"vocab": prune} if prune else {})}
+              **({"vocab": prune} if prune else {}), **({"speed": speed} if speed else {})}
+    if speed:
+        write_text_atomic(os.path.join(args.output_dir, "speed_table.md"), table)
     write_model_card(args.output_dir, {**command_record(vars(args), "make_student.py", argv),  # README.md
                                        "student": {**origin, "head": args.head}})
     with open(os.path.join(args.output_dir, "student_origin.json"), "w") as f:  # last: marks the dir finished

@@ -30,6 +30,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0, e.g. 2.0."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A share in (0, 1], e.g. 0.99."""
     value = float(text)

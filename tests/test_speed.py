@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from transformers import AutoConfig
 
 from kd import speed
 from kd.speed import choose, markdown, percentiles, spread_layers, synthetic_batch, time_side_by_side
+from tests.helpers import REPO_ROOT, read_json, script_env
 
 
 def test_spread_layers_keeps_the_last_block_and_spreads_the_rest():
@@ -82,3 +87,36 @@ def test_candidate_table_times_the_teacher_and_each_depth(tiny_bert_qa_dir, tiny
     assert student["num_parameters"] == full - block - (len(tiny_bert_tokenizer) - 50) * hidden
     for r in rows:
         assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"] and r["onnx_latency_ms_p50"] > 0
+
+
+def _make_student(*argv):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "make_student.py"), *map(str, argv)], cwd=REPO_ROOT,
+                          env=script_env(), capture_output=True, text=True, timeout=600)
+    return proc
+
+
+def test_make_student_builds_the_largest_student_meeting_the_target(tiny_bert_qa_dir, tmp_path):
+    out = tmp_path / "s"
+    proc = _make_student("--teacher_name_or_path", tiny_bert_qa_dir, "--target_latency_ms", 1e6, "--max_seq_length",
+                         64, "--timing_batches", 3, "--warmup_batches", 1, "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    origin = read_json(out / "student_origin.json")
+    assert origin["teacher_layers_kept"] == [2] and origin["speed"]["chosen_layers"] == [2]
+    rows = origin["speed"]["rows"]
+    assert [r["layers"] for r in rows] == [[1, 2], [2]] and rows[0]["is_teacher"]
+    table = (out / "speed_table.md").read_text()
+    assert "| student_1 <- built | 2 |" in table and table in proc.stdout and "ONNX" in table
+    assert AutoConfig.from_pretrained(out).num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target_speedup", 1000], "no student of"),
+    (["--target_speedup", 2, "--layers", "2"], "give one"),
+    (["--target_speedup", 0], "must be a finite number > 0"),
+    (["--target_latency_ms", 5, "--max_seq_length", 4096], "exceeds the"),
+])
+def test_make_student_speed_target_errors_are_one_line(tiny_bert_qa_dir, tmp_path, flags, message):
+    proc = _make_student("--teacher_name_or_path", tiny_bert_qa_dir, "--timing_batches", 2, "--warmup_batches", 1,
+                         "--output_dir", tmp_path / "s", *flags)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s").exists()
