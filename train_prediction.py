@@ -114,8 +114,9 @@ def main(argv=None):
             accelerator, args.teacher_name_or_path, inputs, cache_dir=args.teacher_cache_dir,
             batch_size=args.per_device_eval_batch_size, dtype_choice=args.teacher_dtype)
         columns.update(teacher_start_logits=start, teacher_end_logits=end)
-        accelerator.print(f"teacher logits: {'cache hit' if teacher_info['teacher_cache_hit'] else 'computed'} "
-                          f"({teacher_info['teacher_cache_dir']})")
+        how = ("cache hit" if teacher_info["teacher_cache_hit"] else
+               "computed" if teacher_info["teacher_cache_written"] else "computed, kept in memory (not cached)")
+        accelerator.print(f"teacher logits: {how} ({teacher_info['teacher_cache_dir']})")
 
     # ---------------------------------------------------------------- student, optimizer, prepare
     model = AutoModelForQuestionAnswering.from_pretrained(args.model_name_or_path)
