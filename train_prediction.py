@@ -32,7 +32,7 @@ import logging
 import sys
 
 import numpy as np
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoModelForQuestionAnswering
 
 from kd import args as kd_args
 from kd.compat import assert_same_tokenization
@@ -43,7 +43,7 @@ from kd.hub import push_to_hub
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.losses import prediction_distillation_loss
 from kd.model_card import write_model_card
-from kd.models import save_weights
+from kd.models import load_tokenizer, save_weights
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
 from kd.qa_settings import save_qa_settings, settings_from_args
@@ -72,8 +72,11 @@ def parse_args(argv=None):
     kd_args.check_training(parser, args)
     kd_args.check_squad_data(parser, args)
     kd_args.check_windows(parser, args)
-    kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path,
-                           "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
+    models = {"--model_name_or_path": args.model_name_or_path, "--teacher_name_or_path": args.teacher_name_or_path}
+    kd_args.check_models(parser, models, args.max_seq_length)
+    kd_args.check_tokenizers(parser, models)
+    # the student may be a bare encoder (its QA head is trained here); the teacher's head must be trained already
+    kd_args.check_trained_qa_head(parser, "--teacher_name_or_path", args.teacher_name_or_path)
     weight = kd_args.check_prediction_distillation(parser, args)  # 0 without a teacher: gold spans only
     return args, {"distillation_loss_weight": weight, "hub_model_id": kd_args.check_hub(parser, args)}
 
@@ -87,7 +90,7 @@ def main(argv=None):
                  run_record(vars(args), accelerator, run_id=run_id, **resolved))
 
     # ---------------------------------------------------------------- data
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path, "--model_name_or_path")
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers)
     with accelerator.main_process_first():
@@ -107,7 +110,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- teacher logits (once, cached)
     teacher_info = {}
     if args.teacher_name_or_path:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher_name_or_path)
+        teacher_tokenizer = load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path")
         assert_same_tokenization(args.model_name_or_path, tokenizer, args.teacher_name_or_path, teacher_tokenizer,
                                  train_examples, lambda ex, tok: prepare_train_features(ex, tok, **window))
         start, end, teacher_info = teacher_logits(

@@ -189,9 +189,8 @@ def teacher_logits(
     Returns (start, end, info) where info says whether the cache was hit (else whether the new entry was
     written: False when the cache could not take it and the logits are held in memory) and where it lives.
     """
-    from transformers import AutoModelForQuestionAnswering
-
     from kd.data import TensorDictDataset, batch_is_ready
+    from kd.models import UntrainedQAHeadError, load_qa_model, untrained_qa_head_message
 
     if predict_logits is None:
         from kd.qa_eval import predict_logits
@@ -228,12 +227,14 @@ def teacher_logits(
                 teacher_name_or_path, num_features, info["teacher_dtype"])
     t0 = time.perf_counter()
     # The pass leaves every random generator as it found it (a DataLoader iterator draws its base seed from the
-    # global one, from_pretrained initialises from it): the same seed then trains the same student whether the cache was cold or warm, and whatever
+    # global one): the same seed then trains the same student whether the cache was cold or warm, and whatever
     # number of processes filled it.
     cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        teacher = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=dtype).to(accelerator.device)
-        teacher.eval()
+        teacher, head = load_qa_model(model_dir, dtype=dtype)
+        if head:  # its logits would be noise (train_prediction.py refuses such a teacher up front)
+            raise UntrainedQAHeadError(untrained_qa_head_message(teacher_name_or_path, head))
+        teacher.to(accelerator.device).eval()
         loader = torch.utils.data.DataLoader(TensorDictDataset(input_columns), batch_size=batch_size,
                                              collate_fn=batch_is_ready)
         start, end = predict_logits(accelerator, teacher, accelerator.prepare_data_loader(loader))
