@@ -46,7 +46,7 @@ def _sequences(trace_path) -> list[list[int]]:
     return [seq for record in read_jsonl(trace_path) for seq in record["sequences"]]
 
 
-def test_general_distillation_end_to_end(teacher_dir, tmp_path, squad_fixture_path, tiny_bert_qa_dir):
+def test_general_distillation_end_to_end(teacher_dir, tmp_path, squad_fixture_path):
     out, cache = tmp_path / "general", tmp_path / "cache"
     launch(SCRIPT, _args(teacher_dir, out, "--student_layers", "2,4", "--max_train_steps", "4",
                          "--learning_rate", "1e-4", "--corpus_cache_dir", cache))
@@ -75,10 +75,12 @@ def test_general_distillation_end_to_end(teacher_dir, tmp_path, squad_fixture_pa
     moved = (saved[key.format(0)] - teacher["bert." + key.format(1)]).abs().max()
     assert 0 < moved < 0.01 < (saved[key.format(0)] - teacher["bert." + key.format(0)]).abs().max()
 
-    # ... and as the student of task distillation (train_task_intermediate.py), against a fine-tuned QA teacher of
-    # the same tokenizer (this masked LM has no QA head: it would be refused there)
-    nxt = tmp_path / "task"
-    launch("train_task_intermediate.py", ["--model_name_or_path", out, "--teacher_name_or_path", tiny_bert_qa_dir,
+    # ... and as the student of task distillation (train_task_intermediate.py), against a QA teacher (this masked LM
+    # has no QA head: it is refused there); saved with a head, the teacher stands in for its fine-tuned self
+    qa_teacher, nxt = tmp_path / "qa_teacher", tmp_path / "task"
+    AutoModelForQuestionAnswering.from_pretrained(teacher_dir).save_pretrained(qa_teacher)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(qa_teacher)
+    launch("train_task_intermediate.py", ["--model_name_or_path", out, "--teacher_name_or_path", qa_teacher,
                                           "--train_file", squad_fixture_path, "--output_dir", nxt,
                                           "--max_train_samples", "8", "--max_train_steps", "1",
                                           "--per_device_train_batch_size", "4", "--max_seq_length", "128",
