@@ -12,10 +12,10 @@ import argparse
 import json
 import os
 
-from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering
 
 from kd.model_card import write_model_card
-from kd.models import save_weights
+from kd.models import NoTokenizerError, load_tokenizer, save_weights
 from kd.qa_settings import ANSWER_KEYS, WINDOW_KEYS, load_qa_settings, save_qa_settings
 from kd.records import command_record
 from kd.student import parse_layer_selection, student_from_teacher_layers
@@ -36,6 +36,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     config = AutoConfig.from_pretrained(args.teacher_name_or_path)
+    try:  # before anything is loaded or written: the student takes (and saves) the teacher's tokenizer
+        tokenizer = load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path")
+    except NoTokenizerError as e:
+        parser.error(str(e))
     try:
         layers = parse_layer_selection(args.layers, config.num_hidden_layers)
     except ValueError as e:
@@ -45,7 +49,7 @@ def main(argv=None):
     student = student_from_teacher_layers(teacher, layers)
     os.makedirs(args.output_dir, exist_ok=True)
     save_weights(student, args.output_dir)
-    AutoTokenizer.from_pretrained(args.teacher_name_or_path).save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
     # the teacher's windows suit the student (same tokenizer, same positions); its no-answer threshold does not
     windows = {k: v for k, v in load_qa_settings(args.teacher_name_or_path).items() if k in WINDOW_KEYS + ANSWER_KEYS}
     if windows:

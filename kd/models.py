@@ -63,8 +63,29 @@ def load_qa_model(name_or_path: str, **kwargs) -> tuple[nn.Module, list[str]]:
 
 
 def untrained_qa_head(name_or_path: str) -> list[str]:
-    """:func:`load_qa_model`'s list without reading any weight (the model is built on the meta device)."""
-    return load_qa_model(name_or_path, device_map="meta")[1]
+    """:func:`load_qa_model`'s list, without loading the model when the checkpoint's safetensors headers already
+    name every QA-head tensor of its class (the usual case, a QA model). Otherwise the model is loaded on the CPU
+    and transformers' loading info decides (``device_map="meta"`` would not read weights, but transformers 5.2
+    reports no missing key there)."""
+    import glob
+    import os
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForQuestionAnswering
+
+    files = glob.glob(os.path.join(name_or_path, "*.safetensors")) if os.path.isdir(name_or_path) else []
+    if files:
+        saved = set()
+        for file in files:
+            with safe_open(file, "pt") as f:
+                saved.update(f.keys())
+        with torch.device("meta"):
+            model = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(name_or_path))
+        encoder = f"{model.base_model_prefix}."
+        if all(k in saved for k in model.state_dict() if not k.startswith(encoder)):
+            return []
+    return load_qa_model(name_or_path)[1]
 
 
 def untrained_qa_head_message(name_or_path: str, head: list[str]) -> str:
