@@ -194,7 +194,7 @@ def check_models(parser: argparse.ArgumentParser, models: dict[str, str | None],
 def check_trained_qa_head(parser: argparse.ArgumentParser, flag: str, name: str | None,
                           allow_flag: str | None = None) -> None:
     """``{flag} name`` must be a QA model whose QA head was trained (not one from_pretrained initialises at random:
-    a bare encoder, a masked LM), read from the checkpoint's keys without loading its weights. allow_flag: the
+    a bare encoder, a masked LM), told by kd.models.untrained_qa_head. allow_flag: the
     flag that lets such a model through (named in the error), where there is one; a teacher has none."""
     from kd.models import untrained_qa_head, untrained_qa_head_message
 
@@ -413,9 +413,9 @@ def general_distillation_args() -> argparse.ArgumentParser:
 
 
 def check_general_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str] | None:
-    """Flag-level checks for train_general.py; returns the corpus files the --train_file patterns match
-    (None for a --dataset_name corpus)."""
-    from kd.corpus import resolve_files
+    """Flag-level checks for train_general.py, then the corpus files' start (kd.corpus.FileCorpus.validate); returns
+    the corpus files the --train_file patterns match (None for a --dataset_name corpus)."""
+    from kd.corpus import FileCorpus, resolve_files
 
     if args.max_train_steps is None:
         parser.error("general distillation is counted in optimizer steps: pass --max_train_steps N "
@@ -443,4 +443,9 @@ def check_general_distillation(parser: argparse.ArgumentParser, args: argparse.N
                      "(e.g. 2,4,6 or every_other: the teacher's own blocks) or a size (--num_hidden_layers, "
                      "--hidden_size, --num_attention_heads, --intermediate_size); got "
                      f"{', '.join(sum(chosen, [])) or 'none'}.")
+    if files is not None:  # last: it reads the start of every file (a binary or non-UTF-8 one is refused here)
+        try:
+            FileCorpus(files, text_column=args.text_column, line_by_line=args.line_by_line).validate()
+        except ValueError as e:
+            parser.error(f"--train_file: {e}")
     return files

@@ -248,6 +248,18 @@ def test_missing_corpus_files_are_named(teacher_dir, tmp_path, capsys):
     assert "nope_*.txt" in capsys.readouterr().err
 
 
+def test_a_corpus_file_that_is_not_utf8_text_is_refused(teacher_dir, tmp_path, capsys):
+    binary = tmp_path / "model.safetensors.txt"
+    binary.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + bytes(range(256)))
+    with pytest.raises(SystemExit) as exit_info:
+        train_general.parse_args(["--teacher_name_or_path", str(teacher_dir), "--train_file", str(binary),
+                                  "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1",
+                                  "--student_layers", "2"])
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    assert f"--train_file: {binary} is not UTF-8 text: a NUL byte (a binary file?) at byte offset 1 (line 1)" in line
+
+
 def test_sized_student_config_copies_the_teacher_family():
     from transformers import DistilBertConfig, RobertaConfig
 
