@@ -187,7 +187,7 @@ def main(argv=None):
     for name, path in models.items():
         logger.info("evaluating %s (%s)", name, path)
         try:
-            tokenizer = load_tokenizer(path, f"--models {name}=")
+            tokenizer = load_tokenizer(path, f"--models {name}:")
         except NoTokenizerError as err:
             sys.exit(f"report.py: error: {err}")
         results[name], predictions, null_odds = evaluate_model(
