@@ -34,13 +34,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoModelForMaskedLM
 
 from kd import args as kd_args
 from kd.augment import (blocks_of_process, merge_shards, paragraph_copies, paragraph_segments, segment_candidates,
                         shard_line, validate_squad_for_augmentation)
 from kd.glove import GloVe, GloVeFormatError, glove_neighbours, glove_rows_of_process, load_glove
 from kd.masked_lm import MaskedLMCandidates, mlm_candidates, tokenizer_word_marker
+from kd.models import load_tokenizer
 from kd.squad import SquadFormatError, read_squad_json
 
 logger = logging.getLogger("augment")
@@ -152,7 +153,7 @@ def load_masked_lm(args):
         fail(f"--mlm_name_or_path {name}: no such directory; pass a directory saved with save_pretrained "
              "(config, weights, fast tokenizer) or a hub model name.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = load_tokenizer(name, "--mlm_name_or_path")
         model, loading = AutoModelForMaskedLM.from_pretrained(name, output_loading_info=True)
     except (OSError, ValueError, KeyError) as err:
         fail(f"--mlm_name_or_path {name}: cannot load a masked LM and its tokenizer ({err}).")

@@ -42,12 +42,12 @@ import sys
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer
 
 from kd import args as kd_args
 from kd.features import check_window_args
 from kd.files import write_json_atomic
 from kd.model_eval import evaluate_model
+from kd import models as kd_models
 from kd.qa_eval import save_eval_outputs
 from kd.qa_settings import DEFAULTS, load_qa_settings, resolve_settings
 from kd.squad import SquadFormatError, load_squad
@@ -168,7 +168,10 @@ def score_predictions_file(args: argparse.Namespace) -> dict:
 
 def load_tokenizer(args: argparse.Namespace, settings: dict):
     """The model's tokenizer, after checking the window sizes (resolved ``settings``) against it."""
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    try:
+        tokenizer = kd_models.load_tokenizer(args.model_name_or_path, "--model_name_or_path")
+    except kd_models.NoTokenizerError as err:
+        sys.exit(f"evaluate.py: error: {err}")
     limit = tokenizer.model_max_length
     if limit < _UNSET_MODEL_MAX_LENGTH and settings["max_seq_length"] > limit:
         sys.exit(

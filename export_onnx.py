@@ -42,12 +42,12 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from kd import args as kd_args
 from kd.features import check_window_args, prepare_eval_features
 from kd.files import write_json_atomic
 from kd.model_eval import model_size_on_disk
+from kd.models import load_qa_model, load_tokenizer, untrained_qa_head_message
 from kd.onnx_qa import OnnxQAModel, export_qa_onnx, max_abs_logit_diff, onnx_file_bytes, onnx_opset, quantize_int8
 from kd.qa_eval import evaluate_qa, make_eval_dataloader
 from kd.qa_settings import WINDOW_KEYS, load_qa_settings, resolve_settings, save_qa_settings
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Largest absolute logit difference ONNX Runtime may show against PyTorch.")
     parser.add_argument("--opset", type=kd_args.positive_int, default=None,
                         help="ONNX opset to export to (None: the exporter's; the report says which).")
+    parser.add_argument("--allow_untrained_qa_head", action="store_true",
+                        help="Export (with a warning) even when the model has no trained QA head, i.e. one that "
+                             "from_pretrained initialises at random (a bare encoder): its answers are then random.")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="Also write model.int8.onnx (ONNX Runtime dynamic quantization) and report its EM/F1 "
                              "against the fp32 graph's.")
@@ -105,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problem = replace_refusal(out, input_paths(args)) if args.overwrite_output_dir else None
     if problem:
         parser.exit(2, f"export_onnx.py: error: {problem}\n")
+    kd_args.check_tokenizers(parser, {"--model_name_or_path": args.model_name_or_path})
+    if not args.allow_untrained_qa_head:
+        kd_args.check_trained_qa_head(parser, "--model_name_or_path", args.model_name_or_path,
+                                      "--allow_untrained_qa_head")
     return args
 
 
@@ -198,9 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     for name in ("export_onnx", "kd"):
         logging.getLogger(name).setLevel(logging.INFO)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path, "--model_name_or_path")
     # fp32 whatever dtype the checkpoint was saved in: the graph is exported, and checked, in fp32
-    model = AutoModelForQuestionAnswering.from_pretrained(args.model_name_or_path, dtype=torch.float32).eval()
+    model, head = load_qa_model(args.model_name_or_path, dtype=torch.float32)
+    model.eval()
+    if head:  # let through by --allow_untrained_qa_head (parse_args refuses it otherwise)
+        logger.warning("%s. Exporting it anyway (--allow_untrained_qa_head).",
+                       untrained_qa_head_message(args.model_name_or_path, head))
     settings, saved = resolve_windows(args, tokenizer)
     try:
         examples = load_squad(args.validation_file, split="validation", max_samples=args.max_eval_samples)

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, A
 from kd.args import fraction, positive_float, positive_int
 from kd.files import write_text_atomic
 from kd.model_card import write_model_card
-from kd.models import save_weights, usable_positions
+from kd.models import NoTokenizerError, load_tokenizer, save_weights, usable_positions
 from kd.qa_settings import ANSWER_KEYS, WINDOW_KEYS, load_qa_settings, save_qa_settings
 from kd.records import command_record
 from kd.speed import candidate_table, choose
@@ -91,11 +91,14 @@ def main(argv=None):
         parser.error("--vocab_size / --vocab_coverage size a pruned vocabulary: give --prune_vocab_file too")
 
     config = AutoConfig.from_pretrained(args.teacher_name_or_path)
+    try:  # before anything is loaded or written: the student takes (and saves) the teacher's tokenizer
+        tokenizer = load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path")
+    except NoTokenizerError as e:
+        parser.error(str(e))
     try:
         layers = parse_layer_selection(args.layers, config.num_hidden_layers) if args.layers else None
     except ValueError as e:
         parser.error(str(e))
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher_name_or_path)
 
     prune = None
     if args.prune_vocab_file:

@@ -151,11 +151,11 @@ def tokenizer_mismatch(name: str, argv: list[str]) -> list[str]:
     student, teacher = ((flags.get(f) or [None])[0] for f in ("--model_name_or_path", "--teacher_name_or_path"))
     if not (student and teacher and os.path.isdir(student) and os.path.isdir(teacher)):
         return []
-    from transformers import AutoTokenizer
+    from kd.models import load_tokenizer
 
     try:
-        a, b = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
-    except (OSError, ValueError):
+        a, b = load_tokenizer(student), load_tokenizer(teacher)
+    except ValueError:  # kd.models.NoTokenizerError among them
         return []  # no tokenizer saved there (a general student takes the teacher's): the script decides
     if a.get_vocab() != b.get_vocab():
         return [f"stage {name}: the student {student} and the teacher {teacher} tokenize differently "

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto: bf16 (or fp16) on GPU, fp32 on CPU.")
+    parser.add_argument("--allow_untrained_qa_head", action="store_true",
+                        help="Answer (with a warning) even when the model has no trained QA head, i.e. one that "
+                             "from_pretrained initialises at random (a bare encoder): its answers are then random.")
     parser.add_argument("--output_file", default=None, help="Write the results here (JSON) instead of printing.")
     parser.add_argument("--predictions_file", default=None, help="Also write {id: answer} (evaluate.py's format).")
     return parser
@@ -72,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--question and --context go together; give both.")
     if args.input_file is not None and not os.path.isfile(args.input_file):
         parser.error(f"--input_file {args.input_file} does not exist.")
+    kd_args.check_tokenizers(parser, {"--model_name_or_path": args.model_name_or_path})
+    if not args.allow_untrained_qa_head:
+        kd_args.check_trained_qa_head(parser, "--model_name_or_path", args.model_name_or_path,
+                                      "--allow_untrained_qa_head")
     return args
 
 
@@ -103,6 +110,7 @@ def main(argv=None) -> None:
     try:
         qa = QuestionAnswerer(args.model_name_or_path, device=args.device, dtype=args.dtype,
                               version_2_with_negative=args.version_2_with_negative,
+                              allow_untrained_qa_head=args.allow_untrained_qa_head,
                               **{k: getattr(args, k) for k in DEFAULTS})
     except ValueError as err:  # a window that does not fit the tokenizer, a broken qa_settings.json
         fail(str(err))

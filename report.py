@@ -30,11 +30,11 @@ import sys
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer
 
 from kd import args as kd_args
 from kd.files import write_json_atomic
 from kd.model_eval import evaluate_model
+from kd.models import NoTokenizerError, load_tokenizer
 from kd.pipeline import RecipeError, report_argv
 from kd.qa_eval import save_eval_outputs
 from kd.records import git_sha
@@ -189,7 +189,10 @@ def main(argv=None):
     results = {}
     for name, path in models.items():
         logger.info("evaluating %s (%s)", name, path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            tokenizer = load_tokenizer(path, f"--models {name}:")
+        except NoTokenizerError as err:
+            sys.exit(f"report.py: error: {err}")
         results[name], predictions, null_odds = evaluate_model(
             accelerator, path, tokenizer, examples, max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
             max_query_length=args.max_query_length, n_best_size=args.n_best_size,

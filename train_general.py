@@ -43,18 +43,18 @@ import os
 import sys
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel
 
 from kd import args as kd_args
 from kd.checkpoint import CheckpointManager
-from kd.corpus import DatasetCorpus, FileCorpus
+from kd.corpus import CorpusFormatError, DatasetCorpus, FileCorpus
 from kd.data import make_train_dataloader
 from kd.hub import push_to_hub
 from kd.intermediate import build_distiller, freeze_unreached_parameters, make_compute_loss
 from kd.launcher import run_worker
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.model_card import write_model_card
-from kd.models import export_student, load_teacher, no_zero3_init, usable_positions
+from kd.models import export_student, load_teacher, load_tokenizer, no_zero3_init, usable_positions
 from kd.optim import make_optimizer, make_scheduler, total_and_warmup_steps
 from kd.packing import DataTrace, PackedCorpus, build_packed_corpus
 from kd.records import run_record, write_outcome, write_record
@@ -82,6 +82,7 @@ def parse_args(argv=None):
     corpus_files = kd_args.check_general_distillation(parser, args)
     weights = kd_args.check_intermediate_distillation(parser, args)
     hub_model_id = kd_args.check_hub(parser, args)
+    kd_args.check_tokenizers(parser, {"--teacher_name_or_path": args.teacher_name_or_path})  # the student takes it
     if hub_model_id and args.preprocess_only:
         parser.error("--preprocess_only builds the corpus cache and trains no model: drop --push_to_hub (pass it "
                      "to the training run).")
@@ -140,8 +141,8 @@ def make_student(args, accelerator, tokenizer):
 def check_student_tokenizer(student_path, teacher_tokenizer, teacher_path):
     """A student checkpoint that ships its own tokenizer must ship the teacher's."""
     try:
-        own = AutoTokenizer.from_pretrained(student_path)
-    except (OSError, ValueError):
+        own = load_tokenizer(student_path)
+    except ValueError:  # NoTokenizerError included
         return  # no tokenizer of its own: it takes the teacher's
     if own.get_vocab() != teacher_tokenizer.get_vocab():
         raise ValueError(f"the student {student_path} has another tokenizer than the teacher {teacher_path} "
@@ -160,11 +161,10 @@ def main(argv=None):
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # ---------------------------------------------------------------- data: the teacher's tokenizer, packed text
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher_name_or_path)
+    tokenizer = load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path")
     packing = dict(max_seq_length=args.max_seq_length, respect_document_boundaries=args.respect_document_boundaries)
     if resolved["corpus_files"]:
         source = FileCorpus(resolved["corpus_files"], text_column=args.text_column, line_by_line=args.line_by_line)
-        source.validate()
     else:
         source = DatasetCorpus(args.dataset_name, args.dataset_config_name, split=args.dataset_split,
                                text_column=args.text_column, streaming=args.streaming)
@@ -184,7 +184,11 @@ def main(argv=None):
                                      if resolved["corpus_files"] else "its datasets shard"))
     else:
         with accelerator.main_process_first():  # the main process tokenizes and packs; the others hit the cache
-            entry, hit = build_packed_corpus(source, tokenizer, cache_dir=args.corpus_cache_dir, **packing)
+            try:
+                entry, hit = build_packed_corpus(source, tokenizer, cache_dir=args.corpus_cache_dir, **packing)
+            except CorpusFormatError as err:  # a bad byte or record past the start parse_args checked
+                accelerator.print(f"train_general.py: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
         if args.preprocess_only:
             accelerator.print(f"corpus {'found in' if hit else 'written to'} the cache: {entry}")
             accelerator.end_training()

@@ -32,7 +32,7 @@ import logging
 import sys
 
 import numpy as np
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoModelForQuestionAnswering
 
 from kd import args as kd_args
 from kd.compat import tokenization_difference
@@ -45,7 +45,7 @@ from kd.launcher import run_worker
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.losses import prediction_distillation_loss
 from kd.model_card import write_model_card
-from kd.models import save_weights
+from kd.models import load_tokenizer, save_weights
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_eval import evaluate_qa, make_eval_dataloader, save_eval_outputs
 from kd.qa_settings import save_qa_settings, settings_from_args
@@ -76,8 +76,12 @@ def parse_args(argv=None):
     kd_args.check_squad_data(parser, args)
     kd_args.check_windows(parser, args)
     window = kd_args.teacher_window(parser, args)
+    models = {"--model_name_or_path": args.model_name_or_path, "--teacher_name_or_path": args.teacher_name_or_path}
     kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path}, args.max_seq_length)
     kd_args.check_models(parser, {"--teacher_name_or_path": args.teacher_name_or_path}, window["max_seq_length"])
+    kd_args.check_tokenizers(parser, models)
+    # the student may be a bare encoder (its QA head is trained here); the teacher's head must be trained already
+    kd_args.check_trained_qa_head(parser, "--teacher_name_or_path", args.teacher_name_or_path)
     weight = kd_args.check_prediction_distillation(parser, args)  # 0 without a teacher: gold spans only
     return args, {"distillation_loss_weight": weight, "hub_model_id": kd_args.check_hub(parser, args),
                   "teacher_window": window}
@@ -92,7 +96,7 @@ def main(argv=None):
                  run_record(vars(args), accelerator, run_id=run_id, **resolved))
 
     # ---------------------------------------------------------------- data
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path, "--model_name_or_path")
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers)
     with accelerator.main_process_first():
@@ -112,7 +116,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- teacher logits (once, cached)
     teacher_info = {}
     if args.teacher_name_or_path:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher_name_or_path)
+        teacher_tokenizer = load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path")
         teacher_window = {**window, **resolved["teacher_window"]}
         differs = tokenization_difference(tokenizer, teacher_tokenizer, train_examples, window, teacher_window)
         if differs is None:  # the teacher sees the student's own windows: its logits are the targets as they are
@@ -124,8 +128,9 @@ def main(argv=None):
         start, end, teacher_info = teacher_logits(
             accelerator, args.teacher_name_or_path, teacher_inputs, cache_dir=args.teacher_cache_dir,
             batch_size=args.per_device_eval_batch_size, dtype_choice=args.teacher_dtype)
-        accelerator.print(f"teacher logits: {'cache hit' if teacher_info['teacher_cache_hit'] else 'computed'} "
-                          f"({teacher_info['teacher_cache_dir']})")
+        how = ("cache hit" if teacher_info["teacher_cache_hit"] else
+               "computed" if teacher_info["teacher_cache_written"] else "computed, kept in memory (not cached)")
+        accelerator.print(f"teacher logits: {how} ({teacher_info['teacher_cache_dir']})")
         if differs is not None:
             accelerator.print(f"the teacher tokenizes differently ({differs}): its start/end distributions at "
                               f"T = {args.temperature} are carried onto the student's tokens by character offsets")

@@ -32,7 +32,7 @@ import argparse
 import sys
 
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoModelForQuestionAnswering
 
 from kd import args as kd_args
 from kd.checkpoint import CheckpointManager
@@ -45,7 +45,7 @@ from kd.intermediate import (build_distiller, check_distillation_setup, freeze_o
 from kd.launcher import run_worker
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
 from kd.model_card import write_model_card
-from kd.models import export_student, load_teacher, no_zero3_init
+from kd.models import export_student, load_teacher, load_tokenizer, no_zero3_init
 from kd.optim import make_optimizer, make_scheduler, steps_per_epoch, total_and_warmup_steps
 from kd.qa_settings import save_qa_settings, settings_from_args
 from kd.records import run_record, write_outcome, write_record
@@ -74,8 +74,11 @@ def parse_args(argv=None):
     kd_args.check_training(parser, args)
     kd_args.check_squad_data(parser, args)
     kd_args.check_windows(parser, args)
-    kd_args.check_models(parser, {"--model_name_or_path": args.model_name_or_path,
-                           "--teacher_name_or_path": args.teacher_name_or_path}, args.max_seq_length)
+    models = {"--model_name_or_path": args.model_name_or_path, "--teacher_name_or_path": args.teacher_name_or_path}
+    kd_args.check_models(parser, models, args.max_seq_length)
+    kd_args.check_tokenizers(parser, models)
+    # task distillation learns from a fine-tuned teacher (TinyBERT); the student's head may be new (it is frozen)
+    kd_args.check_trained_qa_head(parser, "--teacher_name_or_path", args.teacher_name_or_path)
     weights = kd_args.check_intermediate_distillation(parser, args)
     hub_model_id = kd_args.check_hub(parser, args)
     try:  # from the configs alone: a bad layer map or loss setting fails before anything is loaded
@@ -96,8 +99,8 @@ def main(argv=None):
                  run_record(vars(args), accelerator, run_id=run_id, **resolved))
 
     # ---------------------------------------------------------------- data (model inputs only: no labels)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path, "--model_name_or_path")
+    teacher_tokenizer = load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path")
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers)
     with accelerator.main_process_first():

@@ -207,6 +207,38 @@ def check_models(parser: argparse.ArgumentParser, models: dict[str, str | None],
     return configs
 
 
+def check_trained_qa_head(parser: argparse.ArgumentParser, flag: str, name: str | None,
+                          allow_flag: str | None = None) -> None:
+    """``{flag} name`` must be a QA model whose QA head was trained (not one from_pretrained initialises at random:
+    a bare encoder, a masked LM), told by kd.models.untrained_qa_head. allow_flag: the
+    flag that lets such a model through (named in the error), where there is one; a teacher has none."""
+    from kd.models import untrained_qa_head, untrained_qa_head_message
+
+    if name is None:
+        return
+    try:
+        head = untrained_qa_head(name)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.error(f"{flag} {name}: cannot be loaded as a QA model ({first}).")
+    if head:
+        fix = f", or pass {allow_flag} to go on anyway" if allow_flag else f", then pass its output as {flag}"
+        parser.error(f"{flag} {untrained_qa_head_message(name, head)}{fix}.")
+
+
+def check_tokenizers(parser: argparse.ArgumentParser, models: dict[str, str | None]) -> None:
+    """Each ``{flag: name or path}`` has a usable tokenizer (kd.models.load_tokenizer), checked before any data
+    work."""
+    from kd.models import NoTokenizerError, load_tokenizer
+
+    for flag, name in models.items():
+        if name is not None:
+            try:
+                load_tokenizer(name, flag)
+            except NoTokenizerError as e:
+                parser.error(str(e))
+
+
 def check_training(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("learning_rate", "weight_decay", "max_grad_norm"):
         value = getattr(args, name)
@@ -274,7 +306,8 @@ def _add_teacher(g, required: bool, help: str) -> None:
 
 def prediction_distillation_args() -> argparse.ArgumentParser:
     parser, g = _group("prediction-layer distillation")
-    _add_teacher(g, required=False, help="Fine-tuned QA teacher. Without it the script is plain fine-tuning.")
+    _add_teacher(g, required=False, help="Fine-tuned QA teacher (its QA head trained: a bare encoder is refused). "
+                                         "Without it the script is plain fine-tuning.")
     g.add_argument("--temperature", type=float, default=1.0, help="Softmax temperature T > 0.")
     g.add_argument("--distillation_loss_weight", type=float, default=0.5,
                    help="w in [0, 1]: loss = w * KD + (1 - w) * CE(gold spans).")
@@ -315,8 +348,9 @@ def intermediate_distillation_args() -> argparse.ArgumentParser:
     a weight given explicitly overrides the preset for that term only.
     """
     parser, g = _group("intermediate-layer distillation")
-    _add_teacher(g, required=True, help="The fine-tuned teacher (any head, or none: only its encoder is loaded). "
-                                        "Must tokenize exactly as the student.")
+    _add_teacher(g, required=True, help="The teacher; only its encoder is loaded. Must tokenize exactly as the "
+                                        "student. train_task_intermediate.py: a fine-tuned QA model (its QA head "
+                                        "trained); train_general.py: any head, or none.")
     g.add_argument("--layer_map", default="uniform",
                    help="Which student layer learns from which teacher layer: 'uniform' (TinyBERT, embeddings "
                         "included), 'last', pairs 'student:teacher' such as '0:0,1:2,2:4' (0 = embeddings), or "
@@ -409,9 +443,9 @@ def general_distillation_args() -> argparse.ArgumentParser:
 
 
 def check_general_distillation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str] | None:
-    """Flag-level checks for train_general.py; returns the corpus files the --train_file patterns match
-    (None for a --dataset_name corpus)."""
-    from kd.corpus import resolve_files
+    """Flag-level checks for train_general.py, then the corpus files' start (kd.corpus.FileCorpus.validate); returns
+    the corpus files the --train_file patterns match (None for a --dataset_name corpus)."""
+    from kd.corpus import FileCorpus, resolve_files
 
     if args.max_train_steps is None:
         parser.error("general distillation is counted in optimizer steps: pass --max_train_steps N "
@@ -439,4 +473,9 @@ def check_general_distillation(parser: argparse.ArgumentParser, args: argparse.N
                      "(e.g. 2,4,6 or every_other: the teacher's own blocks) or a size (--num_hidden_layers, "
                      "--hidden_size, --num_attention_heads, --intermediate_size); got "
                      f"{', '.join(sum(chosen, [])) or 'none'}.")
+    if files is not None:  # last: it reads the start of every file (a binary or non-UTF-8 one is refused here)
+        try:
+            FileCorpus(files, text_column=args.text_column, line_by_line=args.line_by_line).validate()
+        except ValueError as e:
+            parser.error(f"--train_file: {e}")
     return files

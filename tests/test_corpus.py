@@ -61,6 +61,43 @@ def test_documents_are_blank_line_blocks_or_lines(sample_docs, tmp_path):
                                                           "second", "third, no newline"]
 
 
+def test_a_binary_file_is_refused_before_reading(tmp_path):
+    """A binary file was decoded with errors="replace" and trained on as text; validate() now refuses it, naming
+    the file and where."""
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(b"= A title =\n\n\x93NUMPY" + bytes(range(256)))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(binary))} is not UTF-8 text: byte 0x93 is not UTF-8 at "
+                                         r"byte offset 13 \(line 3\)"):
+        FileCorpus([str(binary)]).validate()
+    nul = tmp_path / "utf16.txt"
+    nul.write_bytes("plain ascii, as UTF-16\n".encode("utf-16-le"))  # every other byte NUL, all valid UTF-8
+    with pytest.raises(ValueError, match=r"a NUL byte .* at byte offset 1 \(line 1\)"):
+        FileCorpus([str(nul)]).validate()
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(json.dumps({"text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=r"latin1.jsonl is not UTF-8 text: byte 0xe9 is not UTF-8 at byte offset 13"):
+        FileCorpus([str(jsonl)]).validate()
+
+
+@pytest.mark.parametrize("line_by_line", [False, True])
+def test_a_bad_byte_past_the_start_stops_reading_where_it_is(line_by_line, tmp_path):
+    from kd.corpus import SNIFF_BYTES, CorpusFormatError
+
+    good = "A line of text, d\u00e9j\u00e0 vu.\n" * (2 * SNIFF_BYTES // 30)
+    path = tmp_path / "late.txt"
+    path.write_bytes(good.encode() + b"\n\nlatin-1 caf\xe9\n")
+    corpus = FileCorpus([str(path)], line_by_line=line_by_line)
+    corpus.validate()  # the start is text
+    offset, line = len(good.encode()) + 2 + len("latin-1 caf"), good.count("\n") + 3
+    with pytest.raises(CorpusFormatError, match=rf"byte 0xe9 is not UTF-8 at byte offset {offset} \(line {line}\)"):
+        list(corpus.documents())
+    # a multi-byte character cut by the sniffed prefix is no error
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes(b"x" * (SNIFF_BYTES - 1) + "\u00e9\n".encode())
+    FileCorpus([str(cut)]).validate()
+    assert list(FileCorpus([str(cut)]).documents()) == ["x" * (SNIFF_BYTES - 1) + "\u00e9"]
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 64, 333, 1000, 4096])
 @pytest.mark.parametrize("line_by_line", [False, True])
 def test_byte_range_units_partition_the_documents(chunk, line_by_line, tmp_path):

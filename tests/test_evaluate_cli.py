@@ -194,6 +194,22 @@ def test_window_sizes_checked_against_the_tokenizer(tiny_roberta_qa_dir, squad_f
         module.load_tokenizer(args, settings)
 
 
+def test_a_model_dir_without_tokenizer_files_is_refused(tiny_bert_qa_dir, squad_fixture_path, tmp_path):
+    """transformers builds a 5-token tokenizer from config.json alone: every word [UNK], and scores computed."""
+    import shutil
+
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert_qa_dir / name, bare / name)
+    module = load_script()
+    args, settings = module.parse_args(["--model_name_or_path", str(bare), "--validation_file",
+                                        str(squad_fixture_path), *WINDOW_ARGS])
+    with pytest.raises(SystemExit, match=rf"evaluate.py: error: --model_name_or_path {bare}: no tokenizer files "
+                                         "there .* every word would be \\[UNK\\]"):
+        module.load_tokenizer(args, settings)
+
+
 def test_invalid_data_is_reported_without_traceback(tmp_path):
     bad = json.loads(json.dumps(HAND_DATA))
     bad["data"][1]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] = 3

@@ -206,6 +206,37 @@ def test_same_seed_same_student_with_cold_or_warm_teacher_cache(student_dir, tin
     _assert_same_weights(cold, from2, tol=1e-6)
 
 
+def test_a_damaged_or_unwritable_teacher_cache_costs_no_run_across_two_processes(student_dir, tiny_bert_qa_dir,
+                                                                                 squad_fixture_path, tmp_path):
+    common, cache = ["--max_train_steps", 3], tmp_path / "cache"
+    first = tmp_path / "first"
+    launch("train_prediction.py", _args(student_dir, squad_fixture_path, first, *common, teacher=tiny_bert_qa_dir,
+                                        cache=cache), processes=2)
+    (key,) = [d for d in os.listdir(cache) if not d.startswith(".")]
+    end_file = cache / key / "end_logits.npy"
+    np.save(end_file, np.load(end_file)[::-1].copy())  # the rows reversed: a valid array of the right shape
+
+    # both processes find the entry damaged, recompute it together, and train the student the intact entry trains
+    again = tmp_path / "again"
+    proc = launch("train_prediction.py", _args(student_dir, squad_fixture_path, again, *common,
+                                               teacher=tiny_bert_qa_dir, cache=cache), processes=2)
+    assert f"cache entry {cache / key} is damaged (end_logits.npy does not match its checksum)" in proc.stderr
+    assert read_json(again / "all_results.json")["teacher_cache_hit"] is False
+    _assert_same_weights(first, again, tol=1e-6)
+    assert read_json(cache / key / "meta.json")["checksums"]  # replaced by an intact entry
+    assert sorted(os.listdir(cache)) == [key]
+
+    # a cache dir that cannot be created: said before the pass, the logits are kept in memory, the run finishes
+    (tmp_path / "a_file").write_text("")
+    nowhere = tmp_path / "a_file" / "cache"
+    proc = launch("train_prediction.py", _args(student_dir, squad_fixture_path, tmp_path / "memory", *common,
+                                               teacher=tiny_bert_qa_dir, cache=nowhere), processes=2)
+    output = proc.stdout + proc.stderr
+    assert f"cannot write to the cache dir {nowhere}" in output and "kept in memory (not cached)" in output
+    assert output.index("cannot write to the cache dir") < output.index("cache miss; running")
+    _assert_same_weights(first, tmp_path / "memory", tol=1e-6)
+
+
 # --- a full disk -------------------------------------------------------------------------------------------------
 def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays_intact(student_dir, squad_fixture_path,
                                                                             tmp_path):

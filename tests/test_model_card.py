@@ -182,6 +182,22 @@ def test_hub_token_never_reaches_a_record(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # The scripts
 # ---------------------------------------------------------------------------------------------------------------
+def test_make_student_refuses_a_teacher_dir_without_tokenizer_files(tiny_bert_qa_dir, tmp_path, capsys):
+    """The student would otherwise be saved with the 5-token tokenizer transformers makes from config.json."""
+    import shutil
+
+    import make_student
+
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert_qa_dir / name, bare / name)
+    with pytest.raises(SystemExit) as exit_info:
+        make_student.main(["--teacher_name_or_path", str(bare), "--layers", "2", "--output_dir", str(tmp_path / "s")])
+    assert exit_info.value.code == 2 and not (tmp_path / "s").exists()
+    assert f"--teacher_name_or_path {bare}: no tokenizer files there" in capsys.readouterr().err
+
+
 def test_make_student_writes_a_minimal_card(tiny_bert_qa_dir, tmp_path):
     import make_student
 
@@ -348,7 +364,8 @@ def test_hub_arguments_are_checked_up_front(script, extra, message, tiny_bert_qa
               "train_task_intermediate.py": ["--model_name_or_path", model, "--teacher_name_or_path", model,
                                              "--train_file", str(squad_fixture_path)],
               "train_general.py": ["--teacher_name_or_path", model, "--student_layers", "1", "--train_file",
-                                   str(squad_fixture_path), "--max_train_steps", "1"]}[script]
+                                   str(REPO_ROOT / "tests" / "fixtures" / "wiki_leads_sample.txt"),  # read up front
+                                   "--max_train_steps", "1"]}[script]
     with pytest.raises(SystemExit) as exit_info:
         module.parse_args([*common, "--output_dir", str(tmp_path / "out"), *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -251,6 +251,37 @@ def test_publish_rechecks_a_dir_filled_during_the_export(tmp_path):
     assert (out / "notes.txt").read_text() == "someone's" and (tmp / "model.onnx").exists()
 
 
+def test_cli_refuses_a_model_without_a_trained_qa_head_unless_allowed(tiny_bert_encoder_dir, squad_fixture_path,
+                                                                      tmp_path, capsys, caplog):
+    import export_onnx
+
+    argv = ["--model_name_or_path", str(tiny_bert_encoder_dir), "--validation_file", str(squad_fixture_path),
+            "--max_eval_samples", "4", *WINDOW_ARGS]
+    with pytest.raises(SystemExit) as exit_info:
+        export_onnx.main([*argv, "--output_dir", str(tmp_path / "refused")])
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert exit_info.value.code == 2 and list(tmp_path.iterdir()) == []
+    assert f"--model_name_or_path {tiny_bert_encoder_dir} has no trained QA head" in line
+    assert "qa_outputs.weight" in line and "--allow_untrained_qa_head" in line
+    with caplog.at_level("WARNING", logger="export_onnx"):
+        export_onnx.main([*argv, "--output_dir", str(tmp_path / "allowed"), "--allow_untrained_qa_head"])
+    assert (tmp_path / "allowed" / "model.onnx").is_file() and "has no trained QA head" in caplog.text
+
+
+def test_cli_refuses_a_model_dir_without_tokenizer_files(tiny_bert_qa_dir, tmp_path, capsys):
+    import export_onnx
+
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert_qa_dir / name, bare / name)
+    with pytest.raises(SystemExit) as exit_info:
+        export_onnx.main(["--model_name_or_path", str(bare), "--output_dir", str(tmp_path / "export")])
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert exit_info.value.code == 2 and f"--model_name_or_path {bare}: no tokenizer files there" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_tokenizer"]
+
+
 def test_evaluate_onnx_file_scores_and_times_like_pytorch(cli_export, source_model, squad_fixture_path, tmp_path):
     out, _ = cli_export
     result = run_script("evaluate.py", "--model_name_or_path", out, "--onnx_file", out / "model.onnx",

@@ -156,3 +156,44 @@ def test_duplicate_ids_are_refused_not_merged(model_with_settings):
     qa = QuestionAnswerer(str(model_with_settings), device="cpu")
     with pytest.raises(ValueError, match="unique"):
         qa(["Who?", "Where?"], ["Short context.", "The Normans gave their name to Normandy."], ids=["a", "a"])
+
+
+def test_a_model_without_a_trained_qa_head_is_refused_unless_allowed(tiny_bert_encoder_dir, capsys, caplog):
+    """A bare encoder loads as a QA model with a random head (transformers only says so in its load report): its
+    "answers" would be random spans."""
+    from kd.models import UntrainedQAHeadError
+
+    module = load_predict()
+    argv = ["--model_name_or_path", str(tiny_bert_encoder_dir), "--question", "Who?", "--context", "Me.",
+            "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    captured = capsys.readouterr()
+    (line,) = [ln for ln in captured.err.splitlines() if "error:" in ln]
+    assert exit_info.value.code == 2 and captured.out == ""  # no answer printed
+    assert f"--model_name_or_path {tiny_bert_encoder_dir} has no trained QA head" in line
+    assert "--allow_untrained_qa_head" in line
+    with pytest.raises(UntrainedQAHeadError, match="allow_untrained_qa_head=True"):
+        QuestionAnswerer(str(tiny_bert_encoder_dir), device="cpu")
+    with caplog.at_level("WARNING", logger="kd.inference"):
+        module.main([*argv, "--allow_untrained_qa_head"])
+    assert json.loads(capsys.readouterr().out)["results"][0]["id"] == "0" and "no trained QA head" in caplog.text
+
+
+def test_a_model_dir_without_tokenizer_files_is_refused(tiny_bert_qa_dir, tmp_path, capsys):
+    """transformers builds a tokenizer of 5 special tokens from config.json alone: every word [UNK]."""
+    from kd.models import NoTokenizerError
+
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert_qa_dir / name, bare / name)
+    with pytest.raises(SystemExit) as exit_info:
+        load_predict().main(["--model_name_or_path", str(bare), "--question", "Who?", "--context", "Me.",
+                             "--device", "cpu"])
+    captured = capsys.readouterr()
+    (line,) = [ln for ln in captured.err.splitlines() if "error:" in ln]
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert f"--model_name_or_path {bare}: no tokenizer files there" in line and "save_pretrained" in line
+    with pytest.raises(NoTokenizerError, match="every word would be"):
+        QuestionAnswerer(str(bare), device="cpu")

@@ -87,3 +87,110 @@ def test_unfinished_entries_are_not_read(accelerator, tiny_bert_qa_dir, tmp_path
     _, _, info = teacher_cache.teacher_logits(accelerator, str(tiny_bert_qa_dir), cols, cache_dir=str(tmp_path),
                                               predict_logits=spy)
     assert spy.calls == 2 and info["teacher_cache_hit"] is False
+
+
+def _reference(model_dir, cols):
+    model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        out = model(**{k: torch.as_tensor(v).long() for k, v in cols.items()})
+    return out.start_logits.numpy(), out.end_logits.numpy()
+
+
+def _reverse_rows(path):
+    np.save(path, np.load(path)[::-1].copy())  # a valid .npy file, the right shape: only a checksum tells
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _break_header(path):
+    with open(path, "r+b") as f:
+        f.write(b"\x00" * 16)
+
+
+@pytest.mark.parametrize("damage", [_reverse_rows, _truncate, _break_header])
+def test_a_damaged_entry_is_recomputed_and_named(damage, accelerator, tiny_bert_qa_dir, tmp_path, caplog):
+    spy, cols = Spy(), _columns(3)
+    teacher_cache.teacher_logits(accelerator, str(tiny_bert_qa_dir), cols, cache_dir=str(tmp_path),
+                                 predict_logits=spy)
+    (key,) = [d for d in os.listdir(tmp_path) if not d.startswith(".")]
+    damage(tmp_path / key / "end_logits.npy")
+    with caplog.at_level("WARNING", logger="kd.teacher_cache"):
+        start, end, info = teacher_cache.teacher_logits(accelerator, str(tiny_bert_qa_dir), cols,
+                                                        cache_dir=str(tmp_path), predict_logits=spy)
+    assert spy.calls == 2 and info["teacher_cache_hit"] is False and info["teacher_cache_written"] is True
+    ref_start, ref_end = _reference(tiny_bert_qa_dir, cols)
+    assert np.allclose(start, ref_start, atol=1e-5) and np.allclose(end, ref_end, atol=1e-5)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(tmp_path / key) in warning and "end_logits.npy" in warning and "recomputing" in warning
+    # the entry was replaced by an intact one: the next run hits it, with the right rows
+    _, end3, info3 = teacher_cache.teacher_logits(accelerator, str(tiny_bert_qa_dir), cols, cache_dir=str(tmp_path),
+                                                  predict_logits=spy)
+    assert spy.calls == 2 and info3["teacher_cache_hit"] is True and np.allclose(end3, ref_end, atol=1e-5)
+    assert [d for d in os.listdir(tmp_path)] == [key]  # no debris of the damaged entry left
+
+
+def test_an_entry_without_checksums_is_recomputed(accelerator, tiny_bert_qa_dir, tmp_path, caplog):
+    import json
+
+    spy, cols = Spy(), _columns(4)
+    teacher_cache.teacher_logits(accelerator, str(tiny_bert_qa_dir), cols, cache_dir=str(tmp_path),
+                                 predict_logits=spy)
+    (key,) = os.listdir(tmp_path)
+    meta = json.loads((tmp_path / key / "meta.json").read_text())
+    assert set(meta["checksums"]) == {"start_logits.npy", "end_logits.npy"}
+    del meta["checksums"]  # as an entry written before they were kept
+    (tmp_path / key / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="kd.teacher_cache"):
+        _, _, info = teacher_cache.teacher_logits(accelerator, str(tiny_bert_qa_dir), cols, cache_dir=str(tmp_path),
+                                                  predict_logits=spy)
+    assert spy.calls == 2 and info["teacher_cache_hit"] is False and "no checksums" in caplog.text
+
+
+def test_an_unwritable_cache_dir_is_found_before_the_pass_and_logits_stay_in_memory(
+        accelerator, tiny_bert_qa_dir, tmp_path, caplog, monkeypatch):
+    spy, cols = Spy(), _columns(5)
+    (tmp_path / "a_file").write_text("")
+    cache = tmp_path / "a_file" / "cache"  # cannot be created (root may write anywhere, so no chmod here)
+
+    def no_pass_yet(*a, **k):
+        raise AssertionError("the pass ran before the cache dir was found unwritable")
+
+    order = []
+    monkeypatch.setattr(teacher_cache, "_unwritable", lambda d, real=teacher_cache._unwritable: order.append("probe")
+                        or real(d))
+    with caplog.at_level("WARNING", logger="kd.teacher_cache"):
+        start, end, info = teacher_cache.teacher_logits(
+            accelerator, str(tiny_bert_qa_dir), cols, cache_dir=str(cache),
+            predict_logits=lambda *a: order.append("pass") or spy(*a))
+    assert order == ["probe", "pass"] and spy.calls == 1
+    assert info["teacher_cache_hit"] is False and info["teacher_cache_written"] is False
+    ref_start, ref_end = _reference(tiny_bert_qa_dir, cols)
+    assert start.dtype == np.float32 and np.allclose(start, ref_start, atol=1e-5) and np.allclose(end, ref_end,
+                                                                                                  atol=1e-5)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"cannot write to the cache dir {cache}" in warning and "kept in memory" in warning
+
+
+def test_a_write_failure_after_the_pass_keeps_the_pass(accelerator, tiny_bert_qa_dir, tmp_path, caplog, monkeypatch):
+    import errno
+
+    spy, cols = Spy(), _columns(6)
+    real_save = np.save
+
+    def full_disk(path, *a, **k):
+        if str(path).endswith("end_logits.npy"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(path, *a, **k)
+
+    monkeypatch.setattr(np, "save", full_disk)
+    with caplog.at_level("WARNING", logger="kd.teacher_cache"):
+        start, end, info = teacher_cache.teacher_logits(accelerator, str(tiny_bert_qa_dir), cols,
+                                                        cache_dir=str(tmp_path), predict_logits=spy)
+    assert spy.calls == 1 and info["teacher_cache_written"] is False
+    ref_start, ref_end = _reference(tiny_bert_qa_dir, cols)
+    assert np.allclose(start, ref_start, atol=1e-5) and np.allclose(end, ref_end, atol=1e-5)
+    assert "writing cache entry" in caplog.text and "kept in memory" in caplog.text
+    assert os.listdir(tmp_path) == []  # no half entry, no temp dir left

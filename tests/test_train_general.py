@@ -75,9 +75,12 @@ def test_general_distillation_end_to_end(teacher_dir, tmp_path, squad_fixture_pa
     moved = (saved[key.format(0)] - teacher["bert." + key.format(1)]).abs().max()
     assert 0 < moved < 0.01 < (saved[key.format(0)] - teacher["bert." + key.format(0)]).abs().max()
 
-    # ... and as the student of task distillation (train_task_intermediate.py), against the same teacher
-    nxt = tmp_path / "task"
-    launch("train_task_intermediate.py", ["--model_name_or_path", out, "--teacher_name_or_path", teacher_dir,
+    # ... and as the student of task distillation (train_task_intermediate.py), against a QA teacher (this masked LM
+    # has no QA head: it is refused there); saved with a head, the teacher stands in for its fine-tuned self
+    qa_teacher, nxt = tmp_path / "qa_teacher", tmp_path / "task"
+    AutoModelForQuestionAnswering.from_pretrained(teacher_dir).save_pretrained(qa_teacher)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(qa_teacher)
+    launch("train_task_intermediate.py", ["--model_name_or_path", out, "--teacher_name_or_path", qa_teacher,
                                           "--train_file", squad_fixture_path, "--output_dir", nxt,
                                           "--max_train_samples", "8", "--max_train_steps", "1",
                                           "--per_device_train_batch_size", "4", "--max_seq_length", "128",
@@ -243,6 +246,18 @@ def test_missing_corpus_files_are_named(teacher_dir, tmp_path, capsys):
                                   str(tmp_path / "nope_*.txt"), "--output_dir", str(tmp_path),
                                   "--max_train_steps", "1", "--student_layers", "2"])
     assert "nope_*.txt" in capsys.readouterr().err
+
+
+def test_a_corpus_file_that_is_not_utf8_text_is_refused(teacher_dir, tmp_path, capsys):
+    binary = tmp_path / "model.safetensors.txt"
+    binary.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + bytes(range(256)))
+    with pytest.raises(SystemExit) as exit_info:
+        train_general.parse_args(["--teacher_name_or_path", str(teacher_dir), "--train_file", str(binary),
+                                  "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1",
+                                  "--student_layers", "2"])
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    assert f"--train_file: {binary} is not UTF-8 text: a NUL byte (a binary file?) at byte offset 1 (line 1)" in line
 
 
 def test_sized_student_config_copies_the_teacher_family():

@@ -393,3 +393,46 @@ def test_training_set_without_answerable_question_warns(student_dir, squad_fixtu
     proc = launch("train_prediction.py", _args(student_dir, None, unanswerable, tmp_path / "o", tmp_path / "c",
                                                "--max_train_steps", "1"))
     assert "has no answerable question: the span loss only teaches the no-answer position" in proc.stderr
+
+
+def _error_line(err: str) -> str:
+    (line,) = [ln for ln in err.splitlines() if "error:" in ln]  # after argparse's usage: one line
+    return line
+
+
+def test_a_teacher_without_a_trained_qa_head_is_refused_a_student_is_not(student_dir, tiny_bert_encoder_dir,
+                                                                         squad_fixture_path, tmp_path, capsys):
+    import train_prediction
+
+    argv = _args(student_dir, tiny_bert_encoder_dir, squad_fixture_path, tmp_path / "o", tmp_path / "c")
+    with pytest.raises(SystemExit) as exit_info:
+        train_prediction.parse_args(list(map(str, argv)))
+    line = _error_line(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and not os.listdir(tmp_path)
+    assert f"--teacher_name_or_path {tiny_bert_encoder_dir} has no trained QA head" in line
+    assert "qa_outputs.weight" in line and f"train_prediction.py --model_name_or_path {tiny_bert_encoder_dir}" in line
+    # the same encoder as the student: fine-tuning trains the head it lacks
+    args, _ = train_prediction.parse_args(list(map(str, _args(tiny_bert_encoder_dir, None, squad_fixture_path,
+                                                              tmp_path / "o", tmp_path / "c"))))
+    assert args.model_name_or_path == str(tiny_bert_encoder_dir)
+
+
+def test_a_model_dir_without_tokenizer_files_is_refused(student_dir, tiny_bert_qa_dir, squad_fixture_path, tmp_path,
+                                                        capsys):
+    import shutil
+
+    import train_prediction
+
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(student_dir / name, bare / name)
+    for student, teacher, flag in ((bare, tiny_bert_qa_dir, "--model_name_or_path"),
+                                   (student_dir, bare, "--teacher_name_or_path")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_prediction.parse_args(list(map(str, _args(student, teacher, squad_fixture_path, tmp_path / "o",
+                                                            tmp_path / "c"))))
+        line = _error_line(capsys.readouterr().err)
+        assert exit_info.value.code == 2 and f"{flag} {bare}: no tokenizer files there" in line
+        assert "tokenizer.save_pretrained" in line
+    assert sorted(os.listdir(tmp_path)) == ["no_tokenizer"]

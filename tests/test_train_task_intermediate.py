@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertConfig, BertForQuestionAnswering
+from transformers import (AutoModel, AutoModelForQuestionAnswering, AutoTokenizer, BertConfig,
+                          BertForQuestionAnswering)
 
 import train_task_intermediate
 from tests.conftest import TINY_MAX_POSITIONS
@@ -346,3 +347,26 @@ def test_freeze_unreached_parameters_finds_what_the_map_cannot_train():
     distiller = ki.IntermediateDistiller(student, parse_layer_map("uniform", 2, 4), teacher.config)
     ki.freeze_outside_encoder(student)
     assert ki.freeze_unreached_parameters(distiller, teacher, batch) == []
+
+
+def _encoder_of(model_dir, out):
+    """The encoder of a saved QA model alone (no QA head), with its tokenizer."""
+    AutoModel.from_pretrained(model_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def test_a_teacher_without_a_trained_qa_head_is_refused(models, squad_fixture_path, tmp_path, capsys):
+    """Task distillation learns from a fine-tuned teacher; a bare encoder's (or a masked LM's) QA head is random.
+    A student without a QA head is fine: its new head is frozen here and trained by train_prediction.py."""
+    teacher = _encoder_of(models["teacher"], tmp_path / "teacher_encoder")
+    with pytest.raises(SystemExit) as exit_info:
+        train_task_intermediate.parse_args(list(map(str, _args(models["student"], teacher, squad_fixture_path,
+                                                               tmp_path / "o"))))
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert exit_info.value.code == 2 and f"--teacher_name_or_path {teacher} has no trained QA head" in line
+    assert not (tmp_path / "o").exists()
+    student = _encoder_of(models["student"], tmp_path / "student_encoder")
+    args, _ = train_task_intermediate.parse_args(list(map(str, _args(student, models["teacher"], squad_fixture_path,
+                                                                     tmp_path / "o"))))
+    assert args.model_name_or_path == str(student)
