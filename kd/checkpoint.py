@@ -13,7 +13,6 @@ and file and skipped for the newest intact one of the run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import shutil
 
 import torch
 
-from kd.files import space_error, write_json_atomic
+from kd.files import file_digest, space_error, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +58,6 @@ class TrainState:
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest(directory: str) -> dict[str, list]:

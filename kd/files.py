@@ -4,6 +4,7 @@
 - :func:`publish_dir`: a finished temp dir renamed into place as a cache entry.
 - :func:`space_error`: a write that failed because the disk is full, said as such (torch and numpy report it as
   "unexpected pos ..." or "N requested and M written").
+- :func:`file_digest`: a file's hash, read in chunks (checkpoints, cache entries, pipeline outputs).
 - :func:`cache_dir`: the one rule for cache locations: ``$KD_CACHE/<kind>`` when ``KD_CACHE`` is set, else
   ``~/.cache/kd-qa/<kind>`` (kinds: ``teacher_logits``, ``corpus``).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -84,3 +86,12 @@ def writing(path: str, what: str):
         if error is err:
             raise
         raise error from err
+
+
+def file_digest(path: str, algorithm: str = "blake2b") -> str:
+    """Hex digest of a file's bytes, read in chunks: ``blake2b`` (16 bytes) or any hashlib name (e.g. sha256)."""
+    h = hashlib.blake2b(digest_size=16) if algorithm == "blake2b" else hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -13,13 +13,14 @@ when, its headline metrics, and a fingerprint of what a finished stage left for 
 from __future__ import annotations
 
 import glob
-import hashlib
 import importlib.util
 import os
 import re
 import shlex
 import sys
 from dataclasses import dataclass, field
+
+from kd.files import file_digest
 
 # student_nokd / student_kd are the comparisons that show what the recipe buys: the same student init fine-tuned
 # without a teacher, and with prediction-layer distillation alone (no steps 1-2); a recipe may leave them out
@@ -264,14 +265,6 @@ def output_files(stage: str, output_dir: str) -> list[str]:
     return sorted(found)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fingerprint(stage: str, output_dir: str, known: dict | None = None) -> dict[str, dict]:
     """``{file: {"size", "mtime_ns", "sha256"}}`` of :func:`output_files`. The content decides (a copy that only
     changed the times is the same output), but it is read once: a file whose size and mtime are as in ``known``
@@ -284,7 +277,7 @@ def fingerprint(stage: str, output_dir: str, known: dict | None = None) -> dict[
         old = known.get(name) or {}
         same = old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256")
         prints[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                        "sha256": old["sha256"] if same else _sha256(os.path.join(out, name))}
+                        "sha256": old["sha256"] if same else file_digest(os.path.join(out, name), "sha256")}
     return prints
 
 
@@ -304,7 +297,7 @@ def changed_outputs(stage: str, output_dir: str, recorded: dict[str, dict]) -> t
         if st.st_size != old.get("size"):
             changes.append(f"{name}: {st.st_size} bytes, was {old.get('size')}")
             continue
-        digest = old.get("sha256") if st.st_mtime_ns == old.get("mtime_ns") else _sha256(path)
+        digest = old.get("sha256") if st.st_mtime_ns == old.get("mtime_ns") else file_digest(path, "sha256")
         if digest != old.get("sha256"):
             changes.append(f"{name}: other content (sha256 {digest[:12]}, was {str(old.get('sha256'))[:12]})")
         now[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from kd.files import cache_dir as kd_cache_dir
-from kd.files import publish_dir, writing
+from kd.files import file_digest, publish_dir, writing
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +90,6 @@ def cache_key(model_fingerprint: str, inputs_fingerprint: str, dtype: torch.dtyp
 ARRAY_FILES = ("start_logits.npy", "end_logits.npy")
 
 
-def file_checksum(path: str) -> str:
-    """blake2b of a file's bytes (header included)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class DamagedEntryError(ValueError):
     pass
 
@@ -117,7 +108,7 @@ def _load(entry: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     for name in ARRAY_FILES:
         path = os.path.join(entry, name)
         try:
-            intact = file_checksum(path) == checksums.get(name)
+            intact = file_digest(path) == checksums.get(name)
             array = np.load(path, mmap_mode="r") if intact else None
         except (OSError, ValueError) as err:  # ValueError: a header numpy cannot read
             raise DamagedEntryError(f"{name} unreadable ({type(err).__name__}: {err})") from None
@@ -152,7 +143,7 @@ def _publish(entry: str, start: np.ndarray, end: np.ndarray, meta: dict, replace
         with writing(tmp, "teacher logits"):
             for name, array in zip(ARRAY_FILES, (start, end)):
                 np.save(os.path.join(tmp, name), array)
-            meta = {**meta, "checksums": {name: file_checksum(os.path.join(tmp, name)) for name in ARRAY_FILES}}
+            meta = {**meta, "checksums": {name: file_digest(os.path.join(tmp, name)) for name in ARRAY_FILES}}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=2)
         if replace and os.path.isdir(entry):
