@@ -28,6 +28,11 @@ With --wiki_file, the extended experiment (after the variants above, so their ta
   pre-trained MiniLM (once, --general_steps steps, seed 0), then ti_kd_aug from it;
 - pre_nokd: a student from the pre-trained encoder's blocks 2, 4, 6 instead of the fine-tuned teacher's, gold
   spans only (which init a student should start from).
+With --prune_vocab_size N (after the core variants, before the extended ones):
+- pruned_nokd: the same 3-layer student with its vocabulary pruned to the N most useful tokens of the gold data
+  (make_student.py --prune_vocab_file), gold spans only;
+- pruned_kd: that student taught by the full-vocabulary teacher with the chosen (T, w): its tokenizer differs, so
+  the teacher's distributions reach it through character offsets (kd.cross_tokenizer).
 Results: per variant the dev F1/EM of every seed, mean and std, and a paired bootstrap 95% interval of the F1
 difference to nokd (per question, the same seed's pair, resampled --bootstrap times); each stage's contribution as
 the same paired difference between the variants that differ by that stage alone (STEPS); into
@@ -54,6 +59,7 @@ from kd.squad_metrics import compute_exact, compute_f1  # noqa: E402
 
 PRED_VARIANTS = ("nokd", "kd", "nokd_aug", "kd_aug", "ti_kd_aug")
 EXTRA_VARIANTS = ("kd_aug_long", "nokd_long", "gd_ti_kd_aug", "pre_nokd")
+PRUNED_VARIANTS = ("pruned_nokd", "pruned_kd")
 # what one stage adds: (name, variant with it, the same variant without it)
 STEPS = (("prediction-layer KD (gold data)", "kd", "nokd"),
          ("augmented data, no teacher", "nokd_aug", "nokd"),
@@ -63,7 +69,10 @@ STEPS = (("prediction-layer KD (gold data)", "kd", "nokd"),
          ("the recipe vs as many steps without a teacher", "ti_kd_aug", "nokd_long"),
          ("more steps without a teacher", "nokd_long", "nokd"),
          ("general distillation", "gd_ti_kd_aug", "ti_kd_aug"),
-         ("init from the fine-tuned teacher (vs the pre-trained encoder)", "nokd", "pre_nokd"))
+         ("init from the fine-tuned teacher (vs the pre-trained encoder)", "nokd", "pre_nokd"),
+         ("prediction-layer KD across tokenizers (pruned student)", "pruned_kd", "pruned_nokd"),
+         ("vocabulary pruning, under KD", "pruned_kd", "kd"),
+         ("vocabulary pruning, no teacher", "pruned_nokd", "nokd"))
 # (T, w) candidates, chosen on the held-out set: a balanced mix at T = 1 (Haystack's roberta-base setting is close)
 # and mostly soft labels at T = 2 (where TinyBERT-style training on augmented data lives); two, as CPU time is short
 GRID = ((1.0, 0.5), (2.0, 0.9))
@@ -202,6 +211,13 @@ class Experiment:
             ti = self.task_intermediate(f"ti_aug_s{seed}", student_init, teacher, seed)
             self.prediction(f"ti_kd_aug_s{seed}", ti, self.paths["aug"], seed, teacher, best)
             result = self.summarize(grid, best)  # after every seed: a stopped experiment has its table so far
+        if a.prune_vocab_size:
+            pruned_init = self.student("pruned_init", teacher, "--prune_vocab_file", self.paths["train"],
+                                       "--vocab_size", str(a.prune_vocab_size))
+            for seed in a.seeds:
+                self.prediction(f"pruned_nokd_s{seed}", pruned_init, self.paths["train"], seed)
+                self.prediction(f"pruned_kd_s{seed}", pruned_init, self.paths["train"], seed, teacher, best)
+                result = self.summarize(grid, best)
         if not a.wiki_file:
             return result
 
@@ -221,11 +237,11 @@ class Experiment:
             result = self.summarize(grid, best)
         return result
 
-    def student(self, name: str, teacher: str) -> str:
-        """The 3-layer student: blocks 2, 4, 6 of ``teacher`` (make_student.py)."""
+    def student(self, name: str, teacher: str, *flags: str) -> str:
+        """The 3-layer student: blocks 2, 4, 6 of ``teacher`` (make_student.py, with ``flags``)."""
         out = self.out(name)
         return self.run(name, "make_student.py", ["--teacher_name_or_path", teacher, "--layers", "2,4,6",
-                                                  "--output_dir", out],
+                                                  "--output_dir", out, *flags],
                         writes=os.path.join(out, "student_origin.json"))
 
     def task_intermediate(self, name: str, student: str, teacher: str, seed: int) -> str:
@@ -251,7 +267,7 @@ class Experiment:
         if not core:
             raise SystemExit("no seed has finished every variant yet; rerun to continue")
         seeds_of = {v: core for v in PRED_VARIANTS}
-        seeds_of.update({v: [s for s in core if finished(v, s)] for v in EXTRA_VARIANTS})
+        seeds_of.update({v: [s for s in core if finished(v, s)] for v in EXTRA_VARIANTS + PRUNED_VARIANTS})
         seeds_of = {v: ss for v, ss in seeds_of.items() if ss}
         # per question (exact, f1) of every run: the means and the paired bootstrap read the same numbers
         scores = {(v, s): per_question_scores(dev, json.load(open(os.path.join(self.out(f"{v}_s{s}"),
@@ -323,6 +339,9 @@ def parse_args():
                    help="Raw text for general distillation (e.g. wikipedia_vital_articles_leads.txt): runs the "
                         "extended experiment (" + ", ".join(EXTRA_VARIANTS) + ").")
     p.add_argument("--general_steps", type=int, default=600)
+    p.add_argument("--prune_vocab_size", type=int, default=None,
+                   help="Also the vocabulary-pruned student, without and with the teacher across tokenizers (" +
+                        ", ".join(PRUNED_VARIANTS) + ").")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--stop_after_minutes", type=float, default=None)
     p.add_argument("--summarize_only", action="store_true",

@@ -106,3 +106,19 @@ def test_slice_keeps_paragraphs_whole(tmp_path):
     assert ids(first) == ["000", "001", "002", "010", "011", "012"]
     assert ids(rest) == ["100", "101", "102", "110", "111", "112"]
     assert not set(ids(first)) & set(ids(rest))
+
+
+def test_summary_reports_the_pruned_student_across_tokenizers(tmp_path):
+    exp = experiment(tmp_path, seeds=(1, 2))
+    work = tmp_path / "work"
+    for seed in (1, 2):
+        for variant, r in {"nokd": 1, "kd": 3, "nokd_aug": 1, "kd_aug": 2, "ti_kd_aug": 3}.items():
+            fake_run(work, f"{variant}_s{seed}", r)
+        fake_run(work, f"pruned_nokd_s{seed}", 1)
+        fake_run(work, f"pruned_kd_s{seed}", 2 + (seed == 2))
+    result = exp.summarize({"T=2,w=0.9": 30.0}, (2.0, 0.9))
+    rows, steps = result["variants"], result["steps"]
+    assert list(rows)[-2:] == ["pruned_nokd", "pruned_kd"] and rows["pruned_kd"]["f1"] == [50.0, 75.0]
+    assert steps["prediction-layer KD across tokenizers (pruned student)"]["gain"] == pytest.approx(62.5 - 25.0)
+    assert steps["vocabulary pruning, under KD"]["gain"] == pytest.approx(62.5 - 75.0)
+    assert steps["vocabulary pruning, no teacher"]["gain"] == pytest.approx(0.0)
