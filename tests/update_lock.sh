@@ -19,4 +19,4 @@ python -m venv "$venv"
 } > requirements-lock.txt.tmp
 mv requirements-lock.txt.tmp requirements-lock.txt
 rm -rf "$(dirname "$venv")"
-echo "requirements-lock.txt: $(grep -c '==' requirements-lock.txt) packages"
+echo "requirements-lock.txt: $(grep -c '^[^#].*==' requirements-lock.txt) packages"
