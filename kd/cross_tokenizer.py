@@ -115,13 +115,14 @@ def project_targets(teacher_logits: np.ndarray, teacher_alignment: dict, student
     """The teacher's start (or end) distributions at ``temperature`` carried onto the student's windows.
 
     teacher_logits: [Nt, Lt]; teacher_alignment / student_alignment: alignment tables ([Nt, Lt] / [Ns, Ls] token
-    columns, [N] ``example_index`` and ``cls_index``). Returns [Ns, Ls] float32 equivalent logits ``T * log p``.
+    columns, [N] ``example_index`` and ``cls_index``). Returns [Ns, Ls] equivalent logits ``T * log p``, float32
+    (float64 for float64 teacher logits, so that exactness can be checked beyond float32 rounding).
     """
     by_example = defaultdict(list)
     for i, e in enumerate(teacher_alignment["example_index"]):
         by_example[int(e)].append(i)
     n_s, l_s = student_alignment["segment"].shape
-    out = np.full((n_s, l_s), ZERO_MASS_LOGIT, dtype=np.float32)
+    out = np.full((n_s, l_s), ZERO_MASS_LOGIT, dtype=np.result_type(teacher_logits.dtype, np.float32))
     probs: dict[int, np.ndarray] = {}  # teacher window -> its distribution (each computed once)
 
     def dist(i: int) -> np.ndarray:

@@ -40,14 +40,15 @@ def soft_target_loss(
     - mse: mean squared error between the tempered probabilities * T^2, over real positions.
     - ce: cross-entropy of the student against the teacher's tempered probabilities * T^2 (KL plus the
       teacher's entropy, a constant: same gradients, different value).
-    Computed in float32 whatever the input dtype, since the log-softmax of bf16 logits is too coarse.
+    Computed in at least float32 (float64 stays float64), since the log-softmax of bf16 logits is too coarse.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if loss_type not in PREDICTION_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {PREDICTION_LOSS_TYPES}, got {loss_type!r}")
-    s = student_logits.float() / temperature
-    t = teacher_logits.float() / temperature
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    s = student_logits.to(dtype) / temperature
+    t = teacher_logits.to(dtype) / temperature
     mask = torch.ones_like(s, dtype=torch.bool) if mask is None else mask.bool()
     log_p_s = _masked_log_softmax(s, mask)
     log_p_t = _masked_log_softmax(t, mask)

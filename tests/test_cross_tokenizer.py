@@ -42,14 +42,17 @@ def test_alignment_windows_are_the_training_windows(squad_fixture_examples, tiny
 def test_same_tokenizer_gives_the_same_loss(squad_fixture_examples, tiny_bert_tokenizer, temperature):
     train, align = features(squad_fixture_examples, tiny_bert_tokenizer)
     assert len(set(align["example_index"])) < len(align["example_index"])  # overlapping windows are exercised
-    teacher = random_logits(align)
-    for for_starts in (True, False):
-        projected = project_targets(teacher, align, align, temperature, for_starts)
-        mask = torch.as_tensor(np.asarray(train["attention_mask"]))
-        student = torch.as_tensor(random_logits(align, seed=1))
-        direct = soft_target_loss(student, torch.as_tensor(teacher), mask, temperature)
-        carried = soft_target_loss(student, torch.as_tensor(projected), mask, temperature)
-        assert abs(direct.item() - carried.item()) < 1e-6
+    mask = torch.as_tensor(np.asarray(train["attention_mask"]))
+    # float64: the 1e-6 on the loss; float32 (the cache's dtype): 1e-6 relative, a few ulps of a loss ~10
+    for dtype, relative in ((np.float64, False), (np.float32, True)):
+        teacher = random_logits(align).astype(dtype)
+        student = torch.as_tensor(random_logits(align, seed=1).astype(dtype))
+        for for_starts in (True, False):
+            projected = project_targets(teacher, align, align, temperature, for_starts)
+            assert projected.dtype == dtype
+            direct = soft_target_loss(student, torch.as_tensor(teacher), mask, temperature)
+            carried = soft_target_loss(student, torch.as_tensor(projected), mask, temperature)
+            assert abs(direct.item() - carried.item()) < 1e-6 * (abs(direct.item()) if relative else 1.0)
 
 
 def test_a_teacher_certain_of_a_character_teaches_the_student_token_holding_it(
