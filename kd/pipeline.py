@@ -23,15 +23,18 @@ from dataclasses import dataclass, field
 from kd.files import file_digest
 
 # student_nokd / student_kd are the comparisons that show what the recipe buys: the same student init fine-tuned
-# without a teacher, and with prediction-layer distillation alone (no steps 1-2); a recipe may leave them out
+# without a teacher, and with prediction-layer distillation alone (no steps 1-2); student_pruned_init /
+# student_pruned the small one: a student (e.g. step 2's) with its vocabulary pruned to the task's tokens, taught
+# by the full-vocabulary teacher across tokenizers. A recipe may leave any of them out
 STAGES = ("teacher", "student_init", "general", "augment", "task_intermediate", "prediction", "student_nokd",
-          "student_kd", "evaluate", "report")
+          "student_kd", "student_pruned_init", "student_pruned", "evaluate", "report")
 SCRIPTS = {"teacher": "train_prediction.py", "student_init": "make_student.py", "general": "train_general.py",
            "augment": "augment.py", "task_intermediate": "train_task_intermediate.py",
            "prediction": "train_prediction.py", "student_nokd": "train_prediction.py",
-           "student_kd": "train_prediction.py", "evaluate": "evaluate.py", "report": "report.py"}
+           "student_kd": "train_prediction.py", "student_pruned_init": "make_student.py",
+           "student_pruned": "train_prediction.py", "evaluate": "evaluate.py", "report": "report.py"}
 # resumable, launched through launch.py
-TRAINING = {"teacher", "general", "task_intermediate", "prediction", "student_nokd", "student_kd"}
+TRAINING = {"teacher", "general", "task_intermediate", "prediction", "student_nokd", "student_kd", "student_pruned"}
 RESERVED = {"output_dir", "output_file", "resume_from_checkpoint", "overwrite_output_dir"}  # set by the pipeline
 STAGE_KEYS = {"launch", "use"}
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a stage stopped on a preemption signal; rerun (requeue) to continue
@@ -246,9 +249,10 @@ def shell_line(cmd: list[str]) -> str:
 def finished_marker(stage: str, output_dir: str) -> str:
     """The file a stage's script writes last, whole, when it finished."""
     out = os.path.join(output_dir, stage)
-    return {"augment": os.path.join(out, "train-aug.json"), "student_init": os.path.join(out, "student_origin.json"),
-            "evaluate": os.path.join(out, "eval_results.json"), "report": os.path.join(out, "report.json")
-            }.get(stage, os.path.join(out, "all_results.json"))
+    if SCRIPTS.get(stage) == "make_student.py":
+        return os.path.join(out, "student_origin.json")
+    return {"augment": os.path.join(out, "train-aug.json"), "evaluate": os.path.join(out, "eval_results.json"),
+            "report": os.path.join(out, "report.json")}.get(stage, os.path.join(out, "all_results.json"))
 
 
 # What a finished stage leaves for the stages after it, besides its marker: the model (config, weights, vocabulary)
@@ -325,7 +329,8 @@ def changed_flags(old: list[str], new: list[str]) -> list[str]:
 
 # the QA models of a pipeline output dir that report.py compares, under these names: the recipe's student
 # (prediction) and the comparison students; the teacher is the one the students were distilled from
-REPORT_STUDENTS = (("student_nokd", "student_nokd"), ("student_kd", "student_kd"), ("prediction", "student"))
+REPORT_STUDENTS = (("student_nokd", "student_nokd"), ("student_kd", "student_kd"), ("prediction", "student"),
+                   ("student_pruned", "student_pruned"))
 REPORT_SETTINGS = ("--validation_file", "--max_seq_length", "--doc_stride", "--max_query_length")
 
 

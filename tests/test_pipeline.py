@@ -58,9 +58,14 @@ def _recipe(tmp_path, teacher_base, glove, name="recipe", **changes) -> str:
                              max_train_steps=3, **train),
         "student_kd": dict(model_name_or_path="${student_init}", teacher_name_or_path="${teacher}", train_file=squad,
                            validation_file=squad, temperature=2, max_train_steps=3, **train),
+        # the small student: the recipe's with a pruned vocabulary, taught across tokenizers
+        "student_pruned_init": dict(teacher_name_or_path="${task_intermediate}", prune_vocab_file=squad,
+                                    vocab_size=400),
+        "student_pruned": dict(model_name_or_path="${student_pruned_init}", teacher_name_or_path="${teacher}",
+                               train_file=squad, validation_file=squad, temperature=2, max_train_steps=3, **train),
         "evaluate": dict(model_name_or_path="${prediction}", validation_file=squad, **WINDOW),
         "report": dict(models=["teacher=${teacher}", "student_nokd=${student_nokd}", "student_kd=${student_kd}",
-                               "student=${prediction}"], validation_file=squad,
+                               "student=${prediction}", "student_pruned=${student_pruned}"], validation_file=squad,
                        warmup_batches=1, timing_batches=2, **WINDOW),
     }
     for key, value in changes.items():
@@ -101,7 +106,10 @@ def test_pipeline_runs_every_stage_chained_then_skips_and_resumes(tiny_bert_qa_d
     assert read_json(out / "student_nokd" / "run_config.json")["args"]["teacher_name_or_path"] is None
     assert read_json(out / "student_kd" / "run_config.json")["args"]["model_name_or_path"] == str(out / "student_init")
     assert [r["model"] for r in read_json(out / "report" / "report.json")["rows"]] == [
-        "teacher", "student_nokd", "student_kd", "student"]
+        "teacher", "student_nokd", "student_kd", "student", "student_pruned"]
+    pruned = read_json(out / "student_pruned" / "all_results.json")
+    assert pruned["teacher_tokenization"].startswith("differs")  # 400 of the teacher's tokens: the cross path
+    assert read_json(out / "student_pruned_init" / "student_origin.json")["teacher"] == str(out / "task_intermediate")
     assert record["evaluate"]["metrics"]["f1"] == pytest.approx(read_json(out / "evaluate" / "eval_results.json")["f1"],
                                                                 abs=0.01)
     # commands.sh holds exactly what ran

@@ -39,6 +39,9 @@ def test_offline_recipe_chains_every_stage():
     assert list(stages) == list(pipeline.STAGES)
     assert stages["prediction"].refs == {"task_intermediate", "teacher"}
     assert stages["task_intermediate"].refs == {"general", "teacher", "augment"}
+    # the small student: step 2's, pruned, then taught by the full-vocabulary teacher
+    assert stages["student_pruned_init"].refs == {"task_intermediate"}
+    assert stages["student_pruned"].refs == {"student_pruned_init", "teacher"}
 
 
 def test_flags_of_a_command_line_and_tokenizer_check(tiny_roberta_qa_dir, tiny_bert_qa_dir):
