@@ -31,7 +31,6 @@ import argparse
 import logging
 import sys
 
-import numpy as np
 from transformers import AutoModelForQuestionAnswering
 
 from kd import args as kd_args
@@ -53,7 +52,7 @@ from kd.qa_settings import save_qa_settings, settings_from_args
 from kd.records import run_record, write_outcome, write_record
 from kd.run_dir import input_paths
 from kd.runtime import init_trackers, setup_accelerator, start_run
-from kd.squad import SquadFormatError
+from kd.squad import SquadFormatError, has_answerable
 from kd.teacher_cache import teacher_logits
 
 logger = logging.getLogger("train_prediction")
@@ -114,7 +113,7 @@ def main(argv=None):
         eval_features, data_info["eval_windows"] = cached_windows(
             accelerator, "eval", eval_examples, data_info["validation_examples"]["source_key"], tokenizer,
             **window, **cache)
-    if not any(answers["text"] for answers in train_examples["answers"]):
+    if not has_answerable(train_examples):
         logger.warning("%s has no answerable question: the span loss only teaches the no-answer position.",
                        args.train_file or args.dataset_name)
     write_record(accelerator, args.output_dir, "run_config.json",  # the start's record, now with the cache's keys

@@ -161,8 +161,9 @@ def load_examples(accelerator, source: str, *, split: str = "train", config: str
     ``"source_key"`` the key windows build on."""
     from kd.squad import _is_local_source, load_squad
 
-    def load(_tmp):
-        return load_squad(source, split=split, config=config, skip_invalid=skip_invalid, max_samples=max_samples)
+    def load(tmp):  # into the build's temp dir: written as read, never held whole
+        return load_squad(source, split=split, config=config, skip_invalid=skip_invalid, max_samples=max_samples,
+                          arrow_path=os.path.join(tmp, "examples.arrow") if tmp else None)
 
     if not _is_local_source(os.fspath(source)):
         with _local_main_first(accelerator):

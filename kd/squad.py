@@ -17,7 +17,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import datasets
+import datasets.arrow_writer
 import pyarrow as pa
+import pyarrow.compute as pc
 
 logger = logging.getLogger(__name__)
 
@@ -511,7 +513,7 @@ def _hub_records(name: str, config: str | None, split: str) -> list[dict]:
 
 def load_squad(
     source: str, split: str = "train", config: str | None = None, skip_invalid: bool = False,
-    max_samples: int | None = None,
+    max_samples: int | None = None, arrow_path: str | None = None,
 ) -> datasets.Dataset:
     """Load validated flat SQuAD records as a ``datasets.Dataset``.
 
@@ -520,6 +522,8 @@ def load_squad(
         split, config: used for ``datasets`` names only (a local file is one split).
         skip_invalid: drop invalid records (logging how many) instead of raising.
         max_samples: keep only the first N valid questions (debugging, quick runs); None keeps all.
+        arrow_path: write the records to this Arrow file as they are read and return it memory-mapped (memory
+            stays flat in the file's size); None keeps them in memory (as Arrow).
 
     Returns:
         Dataset with columns id, title, context, question, answers (see :data:`SQUAD_FEATURES`).
@@ -532,6 +536,14 @@ def load_squad(
         source = f"{source} ({split})"
     validator = _Validator(source)
     chunks, chunk, total, kept = [], [], 0, 0
+    writer = None if arrow_path is None else datasets.arrow_writer.ArrowWriter(features=SQUAD_FEATURES,
+                                                                              path=arrow_path)
+
+    def flush() -> None:
+        table = pa.Table.from_pylist(chunk, schema=SQUAD_FEATURES.arrow_schema)
+        writer.write_table(table) if writer is not None else chunks.append(table)
+        chunk.clear()
+
     for record in records:
         total += 1
         clean = validator.check(record)
@@ -540,10 +552,10 @@ def load_squad(
         chunk.append(clean)
         kept += 1
         if len(chunk) == _CHUNK_RECORDS:
-            chunks.append(pa.Table.from_pylist(chunk, schema=SQUAD_FEATURES.arrow_schema))
-            chunk = []
-    if chunk or not chunks:
-        chunks.append(pa.Table.from_pylist(chunk, schema=SQUAD_FEATURES.arrow_schema))
+            flush()
+    flush()
+    if writer is not None:
+        writer.finalize()
     validator.finish(skip_invalid)
     problems = validator.problems
     if problems:
@@ -553,6 +565,8 @@ def load_squad(
     if not kept:
         raise SquadFormatError(f"{source}: no valid questions to use.")
     logger.info("Loaded %d questions from %s", kept, source)
+    if writer is not None:
+        return datasets.Dataset.from_file(arrow_path)
     # Arrow holds the records compactly (a fraction of their Python objects' size)
     return datasets.Dataset(pa.concat_tables(chunks), info=datasets.DatasetInfo(features=SQUAD_FEATURES))
 
@@ -575,6 +589,18 @@ def load_squad_splits(
 
 def has_unanswerable(dataset: datasets.Dataset | Iterable[Mapping]) -> bool:
     """True when any question has no answer (SQuAD 2.0-style data)."""
-    answers = dataset["answers"] if isinstance(dataset, datasets.Dataset) else (r["answers"] for r in dataset)
-    return any(len(a["text"]) == 0 for a in answers)
+    if isinstance(dataset, datasets.Dataset):  # through Arrow: no Python object per question
+        return len(dataset) > 0 and pc.min(answer_counts(dataset)).as_py() == 0
+    return any(len(r["answers"]["text"]) == 0 for r in dataset)
+
+
+def has_answerable(dataset: datasets.Dataset) -> bool:
+    """True when any question has an answer."""
+    return len(dataset) > 0 and pc.max(answer_counts(dataset)).as_py() > 0
+
+
+def answer_counts(dataset: datasets.Dataset) -> pa.ChunkedArray:
+    """How many gold answers each question has, read through Arrow."""
+    answers = dataset.with_format("arrow")[:]["answers"]
+    return pc.list_value_length(pc.struct_field(answers, "text"))
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import kd.squad
+
 from kd import feature_cache, features
 from kd.data import TensorDictDataset, arrow_columns
 from kd.feature_cache import cached_windows, load_examples
@@ -46,7 +48,7 @@ def test_cached_windows_are_the_uncached_ones_and_a_second_run_builds_nothing(
         raise AssertionError("featurized again")
 
     monkeypatch.setattr(features, f"prepare_{kind}_features", no_build)
-    monkeypatch.setattr(feature_cache.datasets.Dataset, "from_list", no_build)  # nor the file loaded again
+    monkeypatch.setattr(kd.squad, "iter_squad_articles", no_build)  # nor the file read again
     examples2, windows2, info2, winfo2 = _windows(squad_fixture_path, tiny_bert_tokenizer, cache, kind)
     assert info2["hit"] is True and winfo2["hit"] is True and winfo2["key"] == winfo["key"]
     assert windows2.to_dict() == uncached.to_dict() and examples2.to_dict() == examples.to_dict()
