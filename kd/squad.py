@@ -194,6 +194,8 @@ def _stream_articles(path: Path):
             raise _NotStreamable
         while True:
             key = value()
+            if not isinstance(key, str):
+                raise _NotStreamable
             expect(":")
             if key == "data" and skip_space() == "[" and not found:
                 found, pos = True, pos + 1
