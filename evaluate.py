@@ -44,6 +44,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from kd import args as kd_args
+from kd.feature_cache import cached_windows
+from kd.feature_cache import load_examples as load_examples_cached
 from kd.features import check_window_args
 from kd.files import write_json_atomic
 from kd.model_eval import evaluate_model
@@ -62,7 +64,8 @@ _UNSET_MODEL_MAX_LENGTH = 10**9
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate an extractive QA model on SQuAD-format data, or score a predictions file.",
-        parents=[kd_args.window_args(from_model=True), kd_args.eval_batch_args(), kd_args.answer_args(from_model=True)],
+        parents=[kd_args.window_args(from_model=True), kd_args.features_cache_args(), kd_args.eval_batch_args(),
+                 kd_args.answer_args(from_model=True)],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -155,6 +158,20 @@ def load_examples(args: argparse.Namespace):
         sys.exit(f"evaluate.py: error: {err}")
 
 
+def cached_examples_and_windows(args: argparse.Namespace, settings: dict, tokenizer, accelerator):
+    """(examples, evaluation windows, cache info) through kd.feature_cache, or exit with the data problem."""
+    window = {k: settings[k] for k in ("max_seq_length", "doc_stride", "max_query_length")}
+    try:
+        examples, info = load_examples_cached(
+            accelerator, args.validation_file, split=args.validation_split, config=args.dataset_config_name,
+            skip_invalid=args.skip_invalid, cache_dir=args.features_cache_dir)
+    except (SquadFormatError, FileNotFoundError) as err:
+        sys.exit(f"evaluate.py: error: {err}")
+    features, windows = cached_windows(accelerator, "eval", examples, info["source_key"], tokenizer, **window,
+                                       num_proc=args.preprocessing_num_workers, cache_dir=args.features_cache_dir)
+    return examples, features, {"examples": info, "eval_windows": windows}
+
+
 def score_predictions_file(args: argparse.Namespace) -> dict:
     """``--predictions`` mode: the official SQuAD 2.0 metrics of an existing predictions file."""
     examples = load_examples(args)
@@ -198,8 +215,9 @@ def run_model(args: argparse.Namespace, settings: dict, accelerator: Accelerator
     """``--model_name_or_path`` mode: predict, score, time; returns eval_results (all processes)."""
     set_seed(args.seed)
     tokenizer = load_tokenizer(args, settings)
+    examples, features, cache_info = cached_examples_and_windows(args, settings, tokenizer, accelerator)
     results, predictions, null_odds = evaluate_model(
-        accelerator, args.model_name_or_path, tokenizer, load_examples(args),
+        accelerator, args.model_name_or_path, tokenizer, examples, features=features,
         max_seq_length=settings["max_seq_length"], doc_stride=settings["doc_stride"],
         max_query_length=settings["max_query_length"], n_best_size=settings["n_best_size"],
         max_answer_length=settings["max_answer_length"], no_answer_threshold=settings["no_answer_threshold"],
@@ -207,6 +225,7 @@ def run_model(args: argparse.Namespace, settings: dict, accelerator: Accelerator
         warmup_batches=args.warmup_batches, timing_batches=args.timing_batches,
         num_proc=args.preprocessing_num_workers, model=load_onnx_model(args))
     results["validation_file"] = args.validation_file
+    results["features_cache"] = cache_info
     if args.onnx_file is not None:
         results["onnx_file"] = args.onnx_file
     if accelerator.is_main_process and args.output_dir:

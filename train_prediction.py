@@ -31,15 +31,15 @@ import argparse
 import logging
 import sys
 
-import numpy as np
 from transformers import AutoModelForQuestionAnswering
 
 from kd import args as kd_args
 from kd.compat import tokenization_difference
 from kd.cross_tokenizer import ALIGNMENT_RULE, cross_tokenizer_targets
 from kd.checkpoint import CheckpointManager
-from kd.data import TensorDictDataset, make_train_dataloader
-from kd.features import model_input_arrays, prepare_eval_features, prepare_train_features
+from kd.data import TensorDictDataset, arrow_columns, make_train_dataloader
+from kd.feature_cache import cached_windows, load_splits
+from kd.features import model_input_columns
 from kd.hub import push_to_hub
 from kd.launcher import run_worker
 from kd.loop import PreemptionFlag, StepSync, TrainLog, clip_gradients, every, log_banner, train_batches
@@ -52,7 +52,7 @@ from kd.qa_settings import save_qa_settings, settings_from_args
 from kd.records import run_record, write_outcome, write_record
 from kd.run_dir import input_paths
 from kd.runtime import init_trackers, setup_accelerator, start_run
-from kd.squad import SquadFormatError, load_squad_splits
+from kd.squad import SquadFormatError, has_answerable
 from kd.teacher_cache import teacher_logits
 
 logger = logging.getLogger("train_prediction")
@@ -61,7 +61,8 @@ logger = logging.getLogger("train_prediction")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.eval_batch_args(), kd_args.answer_args(),
+        parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.features_cache_args(),
+                 kd_args.eval_batch_args(), kd_args.answer_args(),
                  kd_args.training_args(), kd_args.prediction_distillation_args(), kd_args.hub_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="The student (or the model to fine-tune).")
@@ -99,19 +100,27 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.model_name_or_path, "--model_name_or_path")
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers)
-    with accelerator.main_process_first():
-        train_examples, eval_examples = load_squad_splits(
-            args.train_file, args.validation_file, args.dataset_name, args.dataset_config_name,
-            skip_invalid=args.skip_invalid, max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples)
-        train_features = prepare_train_features(train_examples, tokenizer, **window)
-        eval_features = prepare_eval_features(eval_examples, tokenizer, **window) if eval_examples else None
-    if not any(answers["text"] for answers in train_examples["answers"]):
+    # built once per node and cached on disk (kd.feature_cache); every process then reads it memory-mapped
+    cache = dict(cache_dir=args.features_cache_dir)
+    train_examples, eval_examples, data_info = load_splits(
+        accelerator, args.train_file, args.validation_file, args.dataset_name, args.dataset_config_name,
+        skip_invalid=args.skip_invalid, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples, **cache)
+    train_features, data_info["train_windows"] = cached_windows(
+        accelerator, "train", train_examples, data_info["train_examples"]["source_key"], tokenizer, **window, **cache)
+    eval_features = None
+    if eval_examples:
+        eval_features, data_info["eval_windows"] = cached_windows(
+            accelerator, "eval", eval_examples, data_info["validation_examples"]["source_key"], tokenizer,
+            **window, **cache)
+    if not has_answerable(train_examples):
         logger.warning("%s has no answerable question: the span loss only teaches the no-answer position.",
                        args.train_file or args.dataset_name)
-    inputs = model_input_arrays(train_features)
-    columns = {**inputs, "start_positions": np.asarray(train_features["start_positions"]),
-               "end_positions": np.asarray(train_features["end_positions"])}
+    write_record(accelerator, args.output_dir, "run_config.json",  # the start's record, now with the cache's keys
+                 run_record(vars(args), accelerator, run_id=run_id, **resolved, features_cache=data_info))
+    # batches are read from the memory-mapped windows: no process holds them all
+    inputs = arrow_columns(train_features, model_input_columns(train_features))
+    columns = {**inputs, **arrow_columns(train_features, ["start_positions", "end_positions"])}
 
     # ---------------------------------------------------------------- teacher logits (once, cached)
     teacher_info = {}
@@ -122,9 +131,10 @@ def main(argv=None):
         if differs is None:  # the teacher sees the student's own windows: its logits are the targets as they are
             teacher_inputs = inputs
         else:  # its own windows; its distributions are carried onto the student's tokens (kd.cross_tokenizer)
-            with accelerator.main_process_first():
-                teacher_inputs = model_input_arrays(prepare_train_features(train_examples, teacher_tokenizer,
-                                                                           **teacher_window))
+            teacher_features, data_info["teacher_train_windows"] = cached_windows(
+                accelerator, "train", train_examples, data_info["train_examples"]["source_key"], teacher_tokenizer,
+                **teacher_window, **cache)
+            teacher_inputs = arrow_columns(teacher_features, model_input_columns(teacher_features))
         start, end, teacher_info = teacher_logits(
             accelerator, args.teacher_name_or_path, teacher_inputs, cache_dir=args.teacher_cache_dir,
             batch_size=args.per_device_eval_batch_size, dtype_choice=args.teacher_dtype)
@@ -139,7 +149,8 @@ def main(argv=None):
             teacher_info.update(teacher_tokenization="differs from the student's: " + differs,
                                 teacher_target_alignment=ALIGNMENT_RULE)
             write_record(accelerator, args.output_dir, "run_config.json",  # the start's record, now with this
-                         run_record(vars(args), accelerator, run_id=run_id, **resolved, **teacher_info))
+                         run_record(vars(args), accelerator, run_id=run_id, **resolved, features_cache=data_info,
+                                    **teacher_info))
         columns.update(teacher_start_logits=start, teacher_end_logits=end)
 
     # ---------------------------------------------------------------- student, optimizer, prepare
@@ -228,7 +239,8 @@ def main(argv=None):
             if predictions is not None:
                 save_eval_outputs(args.output_dir, eval_metrics, predictions, null_odds)
     record = run_record(
-        vars(args), accelerator, run_id=run_id, **resolved, **teacher_info, state=state.to_json(),
+        vars(args), accelerator, run_id=run_id, **resolved, features_cache=data_info, **teacher_info,
+        state=state.to_json(),
         checkpoint=checkpoints.last, total_steps=total_steps, train_metrics=train_log.summary(state.completed_steps),
         eval_metrics=eval_metrics)
     if accelerator.is_main_process and not sync.preempted:

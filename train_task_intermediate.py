@@ -37,8 +37,9 @@ from transformers import AutoModelForQuestionAnswering
 from kd import args as kd_args
 from kd.checkpoint import CheckpointManager
 from kd.compat import TokenizerMismatchError, assert_same_tokenization
-from kd.data import TensorDictDataset, make_train_dataloader
-from kd.features import model_input_arrays, prepare_train_features
+from kd.data import TensorDictDataset, arrow_columns, make_train_dataloader
+from kd.feature_cache import cached_windows, load_splits
+from kd.features import model_input_columns
 from kd.hub import push_to_hub
 from kd.intermediate import (build_distiller, check_distillation_setup, freeze_outside_encoder,
                              freeze_unreached_parameters, heldout_loss, make_compute_loss)
@@ -51,7 +52,7 @@ from kd.qa_settings import save_qa_settings, settings_from_args
 from kd.records import run_record, write_outcome, write_record
 from kd.run_dir import input_paths
 from kd.runtime import init_trackers, setup_accelerator, start_run
-from kd.squad import SquadFormatError, load_squad_splits
+from kd.squad import SquadFormatError
 
 PROBE_ROWS = 2  # windows used to find the parameters the losses cannot reach
 
@@ -59,7 +60,8 @@ PROBE_ROWS = 2  # windows used to find the parameters the losses cannot reach
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.eval_batch_args(),
+        parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.features_cache_args(),
+                 kd_args.eval_batch_args(),
                  kd_args.training_args(), kd_args.intermediate_distillation_args(), kd_args.hub_args()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True,
@@ -103,16 +105,25 @@ def main(argv=None):
     teacher_tokenizer = load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path")
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, num_proc=args.preprocessing_num_workers)
-    with accelerator.main_process_first():
-        train_examples, eval_examples = load_squad_splits(
-            args.train_file, args.validation_file, args.dataset_name, args.dataset_config_name,
-            skip_invalid=args.skip_invalid, max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples)
-        assert_same_tokenization(args.model_name_or_path, tokenizer, args.teacher_name_or_path, teacher_tokenizer,
-                                 train_examples, window)
-        inputs = model_input_arrays(prepare_train_features(train_examples, tokenizer, **window))
-        eval_inputs = (model_input_arrays(prepare_train_features(eval_examples, tokenizer, **window))
-                       if eval_examples else None)
+    # built once per node and cached on disk (kd.feature_cache); batches are read from it memory-mapped
+    cache = dict(cache_dir=args.features_cache_dir)
+    train_examples, eval_examples, data_info = load_splits(
+        accelerator, args.train_file, args.validation_file, args.dataset_name, args.dataset_config_name,
+        skip_invalid=args.skip_invalid, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples, **cache)
+    assert_same_tokenization(args.model_name_or_path, tokenizer, args.teacher_name_or_path, teacher_tokenizer,
+                             train_examples, window)
+    train_features, data_info["train_windows"] = cached_windows(
+        accelerator, "train", train_examples, data_info["train_examples"]["source_key"], tokenizer, **window, **cache)
+    inputs = arrow_columns(train_features, model_input_columns(train_features))
+    eval_inputs = None
+    if eval_examples:
+        eval_features, data_info["eval_windows"] = cached_windows(
+            accelerator, "train", eval_examples, data_info["validation_examples"]["source_key"], tokenizer,
+            **window, **cache)
+        eval_inputs = arrow_columns(eval_features, model_input_columns(eval_features))
+    write_record(accelerator, args.output_dir, "run_config.json",  # the start's record, now with the cache's keys
+                 run_record(vars(args), accelerator, run_id=run_id, **resolved, features_cache=data_info))
     num_features = len(inputs["input_ids"])
 
     # ---------------------------------------------------------------- teacher (frozen, not prepared), distiller
@@ -197,7 +208,8 @@ def main(argv=None):
         if accelerator.is_main_process:  # the windows it learnt on go on to step 3 and inference
             save_qa_settings(args.output_dir, settings_from_args(args))
     record = run_record(
-        vars(args), accelerator, run_id=run_id, **resolved, state=state.to_json(), checkpoint=checkpoints.last,
+        vars(args), accelerator, run_id=run_id, **resolved, features_cache=data_info, state=state.to_json(),
+        checkpoint=checkpoints.last,
         total_steps=total_steps, layer_map=[list(p) for p in distiller.layer_map],
         teacher_dtype=str(next(teacher.parameters()).dtype),
         frozen_parameters={"head": frozen_head, "unreached": frozen_unreached},

@@ -97,6 +97,17 @@ def window_args(from_model: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def features_cache_args() -> argparse.ArgumentParser:
+    """Where loaded examples and their windows are cached (kd.feature_cache)."""
+    parser, g = _group("features cache")
+    g.add_argument("--features_cache_dir", default=None,
+                   help="Where SQuAD examples and their windows are cached as memory-mapped Arrow data, keyed by "
+                        "the file's content, the tokenizer and the window settings: built once, shared by every "
+                        "process and every restart with the same inputs (default: $KD_CACHE/features or "
+                        "~/.cache/kd-qa/features).")
+    return parser
+
+
 def eval_batch_args() -> argparse.ArgumentParser:
     parser, g = _group("evaluation batches")
     g.add_argument("--per_device_eval_batch_size", type=positive_int, default=32)

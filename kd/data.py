@@ -6,6 +6,7 @@ depends only on (seed, epoch), so a resumed run sees exactly the batches the int
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -56,6 +57,31 @@ class TensorDictDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+
+class ArrowColumn:
+    """One column of a (memory-mapped) ``datasets.Dataset``, indexed like an array: ``column[rows]`` reads only
+    those rows, as a numpy array. Training reads cached windows (kd.feature_cache) through it batch by batch
+    instead of holding every window in memory."""
+
+    def __init__(self, dataset, name: str):
+        self.name = name
+        self.dataset = dataset.select_columns([name]).with_format("numpy")
+        first = self.dataset[:1][name] if len(dataset) else np.zeros((0,))
+        self.shape = (len(dataset), *np.asarray(first).shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        if isinstance(rows, np.ndarray):
+            rows = rows.tolist()
+        return np.asarray(self.dataset[rows][self.name])
+
+
+def arrow_columns(dataset, names) -> dict:
+    """name -> :class:`ArrowColumn` for each of ``names``."""
+    return {name: ArrowColumn(dataset, name) for name in names}
 
 
 def batch_is_ready(batch):

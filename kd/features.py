@@ -249,8 +249,10 @@ def prepare_alignment_features(dataset: datasets.Dataset, tokenizer, max_seq_len
     return {name: np.asarray(table[name], dtype=dtype) for name, dtype in types.items()}
 
 
-def _map_windows(batch_fn, desc, dataset, tokenizer, max_seq_length, doc_stride, max_query_length, num_proc):
-    """The one implementation behind ``prepare_*_features``: check, then ``map`` ``batch_fn``."""
+def _map_windows(batch_fn, desc, dataset, tokenizer, max_seq_length, doc_stride, max_query_length, num_proc,
+                 cache_file_name=None):
+    """The one implementation behind ``prepare_*_features``: check, then ``map`` ``batch_fn`` (into the Arrow file
+    ``cache_file_name`` when given, so that the windows are written to disk as they are made, not held in memory)."""
     _require_fast(tokenizer)
     check_window_args(tokenizer, max_seq_length, doc_stride, max_query_length)
     fn = functools.partial(
@@ -260,11 +262,13 @@ def _map_windows(batch_fn, desc, dataset, tokenizer, max_seq_length, doc_stride,
         doc_stride=doc_stride,
         max_query_length=max_query_length,
     )
-    return dataset.map(fn, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc=desc)
+    return dataset.map(fn, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc=desc,
+                       cache_file_name=cache_file_name, keep_in_memory=False)
 
 
 def prepare_train_features(dataset: datasets.Dataset, tokenizer, max_seq_length: int = 384, doc_stride: int = 128,
-                           max_query_length: int = 64, num_proc: int | None = None) -> datasets.Dataset:
+                           max_query_length: int = 64, num_proc: int | None = None,
+                          cache_file_name: str | None = None) -> datasets.Dataset:
     """Examples -> training windows (one row per window, so usually more rows than examples).
 
     Columns: input_ids, attention_mask, [token_type_ids], start_positions, end_positions, all
@@ -272,11 +276,12 @@ def prepare_train_features(dataset: datasets.Dataset, tokenizer, max_seq_length:
     the CLS index when the question is unanswerable or the answer is not fully in the window.
     """
     return _map_windows(_train_batch, "Tokenizing training windows", dataset, tokenizer,
-                        max_seq_length, doc_stride, max_query_length, num_proc)
+                        max_seq_length, doc_stride, max_query_length, num_proc, cache_file_name)
 
 
 def prepare_eval_features(dataset: datasets.Dataset, tokenizer, max_seq_length: int = 384, doc_stride: int = 128,
-                          max_query_length: int = 64, num_proc: int | None = None) -> datasets.Dataset:
+                          max_query_length: int = 64, num_proc: int | None = None,
+                          cache_file_name: str | None = None) -> datasets.Dataset:
     """Examples -> evaluation windows (same windows, in the same order, as for training).
 
     Columns: input_ids, attention_mask, [token_type_ids] (padded to ``max_seq_length``),
@@ -284,7 +289,7 @@ def prepare_eval_features(dataset: datasets.Dataset, tokenizer, max_seq_length: 
     character span in the context, None for question, special and padding tokens).
     """
     return _map_windows(_eval_batch, "Tokenizing evaluation windows", dataset, tokenizer,
-                        max_seq_length, doc_stride, max_query_length, num_proc)
+                        max_seq_length, doc_stride, max_query_length, num_proc, cache_file_name)
 
 
 def model_input_columns(features: datasets.Dataset) -> list[str]:

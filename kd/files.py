@@ -6,7 +6,7 @@
   "unexpected pos ..." or "N requested and M written").
 - :func:`file_digest`: a file's hash, read in chunks (checkpoints, cache entries, pipeline outputs).
 - :func:`cache_dir`: the one rule for cache locations: ``$KD_CACHE/<kind>`` when ``KD_CACHE`` is set, else
-  ``~/.cache/kd-qa/<kind>`` (kinds: ``teacher_logits``, ``corpus``).
+  ``~/.cache/kd-qa/<kind>`` (kinds: ``teacher_logits``, ``corpus``, ``features``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -47,6 +48,18 @@ def publish_dir(tmp: str, entry: str, marker: str = "meta.json") -> None:
     except OSError:
         if not os.path.isfile(os.path.join(entry, marker)):
             raise
+
+
+def unwritable(directory: str) -> str | None:
+    """None when a file can be created in ``directory`` (made if missing), else why not."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def cache_dir(kind: str) -> str:

@@ -75,7 +75,8 @@ def evaluate_model(accelerator: Accelerator, model_name_or_path: str, tokenizer,
                    doc_stride: int, max_query_length: int, n_best_size: int = 20, max_answer_length: int = 30,
                    no_answer_threshold: float = 0.0, version_2_with_negative: bool | None = None,
                    eval_batch_size: int = 32, timing_batch_sizes: tuple[int, ...] = (), warmup_batches: int = 2,
-                   timing_batches: int = 5, num_proc: int | None = None, model=None) -> tuple[dict, dict, dict]:
+                   timing_batches: int = 5, num_proc: int | None = None, model=None,
+                   features=None) -> tuple[dict, dict, dict]:
     """Predict, score and time one model on ``examples`` (same windows for every model compared).
 
     Returns (results, predictions, null_odds) on every process. results: the SQuAD metrics (``exact``, ``f1``,
@@ -87,9 +88,12 @@ def evaluate_model(accelerator: Accelerator, model_name_or_path: str, tokenizer,
     ``model``: an already-built model to run instead of loading ``model_name_or_path`` (which then only names it).
     One that is not a torch module (kd.onnx_qa.OnnxQAModel) is run as it is, only its batches prepared, and
     reports its own ``num_parameters()`` and ``size_on_disk_bytes()``.
+    ``features``: the evaluation windows of ``examples`` in these window settings when already made (e.g. read
+    from kd.feature_cache); else they are made here.
     """
-    features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
-                                     max_query_length=max_query_length, num_proc=num_proc)
+    if features is None:
+        features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
+                                         max_query_length=max_query_length, num_proc=num_proc)
     if model is None:
         model = AutoModelForQuestionAnswering.from_pretrained(model_name_or_path)
     dataloader = make_eval_dataloader(features, eval_batch_size)

@@ -17,6 +17,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import datasets
+import datasets.arrow_writer
+import pyarrow as pa
+import pyarrow.compute as pc
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ SQUAD_FEATURES = datasets.Features(
         },
     }
 )
+
+# Records converted to Arrow at a time while loading.
+_CHUNK_RECORDS = 10_000
 
 # How many problems an error message lists before summarising the rest as a count.
 _MAX_LISTED_PROBLEMS = 5
@@ -81,25 +87,146 @@ def _format_hint(path: Path, err: json.JSONDecodeError) -> str:
     return ""
 
 
+_SHAPE_HINT = 'expected {"version": ..., "data": [{"title": ..., "paragraphs": [{"context": ..., "qas": [...]}]}]}'
+
+
 def _check_nested_shape(data: object, source: str) -> None:
     """Raise SquadFormatError unless ``data`` has SQuAD's article/paragraph/qas nesting."""
-    hint = 'expected {"version": ..., "data": [{"title": ..., "paragraphs": [{"context": ..., "qas": [...]}]}]}'
+    hint = _SHAPE_HINT
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise SquadFormatError(f"{source}: not SQuAD format: no top-level \"data\" list; {hint}.")
     for a, article in enumerate(data["data"]):
-        where = f"{source}: data[{a}]"
-        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-            raise SquadFormatError(f"{where} (article {_title_of(article)!r}) has no \"paragraphs\" list; {hint}.")
-        for p, paragraph in enumerate(article["paragraphs"]):
-            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("qas"), list):
-                raise SquadFormatError(
-                    f"{where}.paragraphs[{p}] (article {_title_of(article)!r}) has no \"qas\" list; {hint}."
-                )
-            if not all(isinstance(qa, dict) for qa in paragraph["qas"]):
-                raise SquadFormatError(
-                    f"{where}.paragraphs[{p}] (article {_title_of(article)!r}): every entry of \"qas\" "
-                    "must be an object with id, question and answers."
-                )
+        _check_article(article, a, source)
+
+
+def _check_article(article: object, a: int, source: str) -> None:
+    """Raise SquadFormatError unless ``article`` (``data[a]``) has SQuAD's paragraph/qas nesting."""
+    hint = _SHAPE_HINT
+    where = f"{source}: data[{a}]"
+    if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+        raise SquadFormatError(f"{where} (article {_title_of(article)!r}) has no \"paragraphs\" list; {hint}.")
+    for p, paragraph in enumerate(article["paragraphs"]):
+        if not isinstance(paragraph, dict) or not isinstance(paragraph.get("qas"), list):
+            raise SquadFormatError(
+                f"{where}.paragraphs[{p}] (article {_title_of(article)!r}) has no \"qas\" list; {hint}."
+            )
+        if not all(isinstance(qa, dict) for qa in paragraph["qas"]):
+            raise SquadFormatError(
+                f"{where}.paragraphs[{p}] (article {_title_of(article)!r}): every entry of \"qas\" "
+                "must be an object with id, question and answers."
+            )
+
+
+class _NotStreamable(Exception):
+    """The file is not one plain SQuAD document the streaming reader can follow (it is then read whole)."""
+
+
+_READ_CHARS = 1 << 20
+
+
+def iter_squad_articles(path: str | os.PathLike):
+    """The articles of a SQuAD JSON file's ``data`` list one at a time, from a buffered read: the file is never
+    held whole, nor all its questions as Python objects. Each article's nesting is checked as
+    :func:`read_squad_json` checks it; any problem the stream cannot name exactly (bad JSON, no ``data`` list, a
+    byte order mark, ...) is reported by reading the file as :func:`read_squad_json` does, with its messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SQuAD file not found: {path} (expected a SQuAD-format .json file).")
+    try:
+        yield from _stream_articles(path)
+    except (_NotStreamable, json.JSONDecodeError, UnicodeDecodeError):
+        read_squad_json(path)  # raises the error the whole document gets
+        raise SquadFormatError(f"{path}: not SQuAD format: no top-level \"data\" list, or more than one.") from None
+
+
+def _stream_articles(path: Path):
+    decoder = json.JSONDecoder()
+    with path.open(encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+
+        def fill(need_more: bool) -> None:
+            nonlocal buf, pos, eof
+            if eof:
+                if need_more:
+                    raise _NotStreamable
+                return
+            chunk = f.read(max(_READ_CHARS, len(buf) - pos))  # grows with what one value needs
+            eof = not chunk
+            buf, pos = buf[pos:] + chunk, 0
+
+        def skip_space() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\n\r":
+                    pos += 1
+                if pos < len(buf):
+                    return buf[pos]
+                fill(need_more=True)
+
+        def value():
+            nonlocal pos
+            while True:
+                skip_space()  # raw_decode takes none
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError:
+                    if eof:
+                        raise
+                    fill(need_more=False)
+                    continue
+                if end == len(buf) and not eof:  # a number may go on in the next chunk
+                    fill(need_more=False)
+                    continue
+                pos = end
+                return obj
+
+        def expect(char: str) -> None:
+            nonlocal pos
+            if skip_space() != char:
+                raise _NotStreamable
+            pos += 1
+
+        fill(need_more=True)
+        expect("{")
+        found, a = False, 0
+        if skip_space() == "}":
+            raise _NotStreamable
+        while True:
+            key = value()
+            if not isinstance(key, str):
+                raise _NotStreamable
+            expect(":")
+            if key == "data" and skip_space() == "[" and not found:
+                found, pos = True, pos + 1
+                if skip_space() == "]":
+                    pos += 1
+                else:
+                    while True:
+                        article = value()
+                        _check_article(article, a, str(path))
+                        yield article
+                        a += 1
+                        if skip_space() == "]":
+                            pos += 1
+                            break
+                        expect(",")
+            elif key == "data":
+                raise _NotStreamable
+            else:
+                value()
+            if skip_space() == "}":
+                pos += 1
+                break
+            expect(",")
+        while True:  # nothing but white space may follow
+            while pos < len(buf) and buf[pos] in " \t\n\r":
+                pos += 1
+            if pos < len(buf) or not found:
+                raise _NotStreamable
+            if eof:
+                return
+            fill(need_more=False)
 
 
 def _title_of(article: object) -> str:
@@ -115,22 +242,26 @@ def flatten_squad(data: dict, source: str) -> list[dict]:
     answers; :func:`validate_records` removes it.
     """
     _check_nested_shape(data, source)
+    return [record for article in data["data"] for record in _article_records(article)]
+
+
+def _article_records(article: dict) -> list[dict]:
+    """One (shape-checked) article's questions as flat records (see :func:`flatten_squad`)."""
     records = []
-    for article in data["data"]:
-        title = article.get("title", "")
-        for paragraph in article["paragraphs"]:
-            context = paragraph.get("context")
-            for qa in paragraph["qas"]:
-                record = {
-                    "id": qa.get("id"),
-                    "title": title,
-                    "context": context,
-                    "question": qa.get("question"),
-                    "answers": _flatten_answers(qa.get("answers")),
-                }
-                if "is_impossible" in qa:
-                    record["is_impossible"] = qa["is_impossible"]
-                records.append(record)
+    title = article.get("title", "")
+    for paragraph in article["paragraphs"]:
+        context = paragraph.get("context")
+        for qa in paragraph["qas"]:
+            record = {
+                "id": qa.get("id"),
+                "title": title,
+                "context": context,
+                "question": qa.get("question"),
+                "answers": _flatten_answers(qa.get("answers")),
+            }
+            if "is_impossible" in qa:
+                record["is_impossible"] = qa["is_impossible"]
+            records.append(record)
     return records
 
 
@@ -247,27 +378,41 @@ def validate_records(
             lists the first few problems (source file, article title, question id, problem) and
             the total count, and ``fix_hint`` (by default: how to fix it, or ``--skip_invalid``).
     """
-    valid, problems = [], []
-    seen_ids: set[str] = set()
-    for record in records:
+    validator = _Validator(source)
+    valid = [clean for clean in map(validator.check, records) if clean is not None]
+    validator.finish(skip_invalid, fix_hint)
+    return valid, validator.problems
+
+
+class _Validator:
+    """:func:`validate_records` a record at a time (state: the ids seen, the problems found)."""
+
+    def __init__(self, source: str):
+        self.source, self.problems, self.seen_ids = source, [], set()
+
+    def check(self, record: Mapping) -> dict | None:
+        """The clean record, or None (its problems noted) when it is invalid."""
         issues = _field_problems(record) + _answer_problems(record)
         qid = record.get("id")
-        if isinstance(qid, str) and qid in seen_ids:
+        if isinstance(qid, str) and qid in self.seen_ids:
             issues.append("duplicate question id")
         if isinstance(qid, str):
-            seen_ids.add(qid)
+            self.seen_ids.add(qid)
         if issues:
-            problems.append(_describe(record, source, issues))
-        else:
-            valid.append(_clean_record(record))
-    if problems and not skip_invalid:
-        listed = "\n".join(f"  - {p}" for p in problems[:_MAX_LISTED_PROBLEMS])
-        more = len(problems) - _MAX_LISTED_PROBLEMS
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        raise SquadFormatError(
-            f"{len(problems)} invalid record(s) in {source}:\n{listed}{tail}\n{fix_hint}"
-        )
-    return valid, problems
+            self.problems.append(_describe(record, self.source, issues))
+            return None
+        return _clean_record(record)
+
+    def finish(self, skip_invalid: bool, fix_hint: str = SKIP_INVALID_HINT) -> None:
+        """Raise SquadFormatError (the first problems and their count) unless there are none or they are skipped."""
+        problems = self.problems
+        if problems and not skip_invalid:
+            listed = "\n".join(f"  - {p}" for p in problems[:_MAX_LISTED_PROBLEMS])
+            more = len(problems) - _MAX_LISTED_PROBLEMS
+            tail = f"\n  ... and {more} more" if more > 0 else ""
+            raise SquadFormatError(
+                f"{len(problems)} invalid record(s) in {self.source}:\n{listed}{tail}\n{fix_hint}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +515,7 @@ def _hub_records(name: str, config: str | None, split: str) -> list[dict]:
 
 def load_squad(
     source: str, split: str = "train", config: str | None = None, skip_invalid: bool = False,
-    max_samples: int | None = None,
+    max_samples: int | None = None, arrow_path: str | None = None,
 ) -> datasets.Dataset:
     """Load validated flat SQuAD records as a ``datasets.Dataset``.
 
@@ -379,28 +524,53 @@ def load_squad(
         split, config: used for ``datasets`` names only (a local file is one split).
         skip_invalid: drop invalid records (logging how many) instead of raising.
         max_samples: keep only the first N valid questions (debugging, quick runs); None keeps all.
+        arrow_path: write the records to this Arrow file as they are read and return it memory-mapped (memory
+            stays flat in the file's size); None keeps them in memory (as Arrow).
 
     Returns:
         Dataset with columns id, title, context, question, answers (see :data:`SQUAD_FEATURES`).
     """
     source = os.fspath(source)
-    if _is_local_source(source):
-        records = flatten_squad(read_squad_json(source), source)
+    if _is_local_source(source):  # streamed article by article: never all questions as Python objects at once
+        records = (r for article in iter_squad_articles(source) for r in _article_records(article))
     else:
-        records = _hub_records(source, config, split)
+        records = iter(_hub_records(source, config, split))
         source = f"{source} ({split})"
-    total = len(records)
-    records, problems = validate_records(records, source, skip_invalid=skip_invalid)
+    validator = _Validator(source)
+    chunks, chunk, total, kept = [], [], 0, 0
+    writer = None if arrow_path is None else datasets.arrow_writer.ArrowWriter(features=SQUAD_FEATURES,
+                                                                              path=arrow_path)
+
+    def flush() -> None:
+        table = pa.Table.from_pylist(chunk, schema=SQUAD_FEATURES.arrow_schema)
+        writer.write_table(table) if writer is not None else chunks.append(table)
+        chunk.clear()
+
+    for record in records:
+        total += 1
+        clean = validator.check(record)
+        if clean is None or (max_samples is not None and kept >= max_samples):
+            continue  # every record is still checked: a bad one past max_samples is an error all the same
+        chunk.append(clean)
+        kept += 1
+        if len(chunk) == _CHUNK_RECORDS:
+            flush()
+    flush()
+    if writer is not None:
+        writer.finalize()
+    validator.finish(skip_invalid)
+    problems = validator.problems
     if problems:
         logger.warning(
             "Skipped %d invalid record(s) of %d in %s; first: %s", len(problems), total, source, problems[0]
         )
-    if not records:
+    if not kept:
         raise SquadFormatError(f"{source}: no valid questions to use.")
-    if max_samples is not None:
-        records = records[:max_samples]
-    logger.info("Loaded %d questions from %s", len(records), source)
-    return datasets.Dataset.from_list(records, features=SQUAD_FEATURES)
+    logger.info("Loaded %d questions from %s", kept, source)
+    if writer is not None:
+        return datasets.Dataset.from_file(arrow_path)
+    # Arrow holds the records compactly (a fraction of their Python objects' size)
+    return datasets.Dataset(pa.concat_tables(chunks), info=datasets.DatasetInfo(features=SQUAD_FEATURES))
 
 
 def load_squad_splits(
@@ -421,6 +591,18 @@ def load_squad_splits(
 
 def has_unanswerable(dataset: datasets.Dataset | Iterable[Mapping]) -> bool:
     """True when any question has no answer (SQuAD 2.0-style data)."""
-    answers = dataset["answers"] if isinstance(dataset, datasets.Dataset) else (r["answers"] for r in dataset)
-    return any(len(a["text"]) == 0 for a in answers)
+    if isinstance(dataset, datasets.Dataset):  # through Arrow: no Python object per question
+        return len(dataset) > 0 and pc.min(answer_counts(dataset)).as_py() == 0
+    return any(len(r["answers"]["text"]) == 0 for r in dataset)
+
+
+def has_answerable(dataset: datasets.Dataset) -> bool:
+    """True when any question has an answer."""
+    return len(dataset) > 0 and pc.max(answer_counts(dataset)).as_py() > 0
+
+
+def answer_counts(dataset: datasets.Dataset) -> pa.ChunkedArray:
+    """How many gold answers each question has, read through Arrow."""
+    answers = dataset.with_format("arrow")[:]["answers"]
+    return pc.list_value_length(pc.struct_field(answers, "text"))
 

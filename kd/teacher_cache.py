@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 
@@ -32,6 +31,7 @@ import torch
 
 from kd.files import cache_dir as kd_cache_dir
 from kd.files import file_digest, publish_dir, writing
+from kd.files import unwritable as _unwritable
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +62,14 @@ def fingerprint_model_dir(model_dir: str) -> str:
 
 
 def fingerprint_inputs(columns: dict[str, np.ndarray]) -> str:
-    """Hash of the model inputs of all features, in order. columns: name -> [N, L] integer array."""
+    """Hash of the model inputs of all features, in order. columns: name -> [N, L] integer array (or ArrowColumn)."""
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(columns):
-        arr = np.ascontiguousarray(columns[name], dtype=np.int64)
+        column = columns[name]  # an array, or a kd.data.ArrowColumn: hashed in row chunks, never copied whole
         h.update(name.encode())
-        h.update(str(arr.shape).encode())
-        h.update(arr.tobytes())
+        h.update(str(tuple(np.shape(column) if isinstance(column, np.ndarray) else column.shape)).encode())
+        for start in range(0, len(column), 8192):
+            h.update(np.ascontiguousarray(column[start:start + 8192], dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
@@ -118,18 +119,6 @@ def _load(entry: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
             raise DamagedEntryError(f"{name} holds {array.shape}, not {shape}")
         arrays.append(array)
     return arrays[0], arrays[1]
-
-
-def _unwritable(cache_dir: str) -> str | None:
-    """None when a file can be created in ``cache_dir`` (made if missing), else why not."""
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=cache_dir)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        return f"{type(err).__name__}: {err}"
-    return None
 
 
 def _publish(entry: str, start: np.ndarray, end: np.ndarray, meta: dict, replace: bool = False) -> None:
@@ -208,11 +197,11 @@ def teacher_logits(
     writer = accelerator.is_local_main_process
     if damage and writer:
         logger.warning("Teacher logits: cache entry %s is damaged (%s); recomputing it.", entry, damage)
-    unwritable = _unwritable(cache_dir) if writer else None
-    if unwritable:
+    cannot_write = _unwritable(cache_dir) if writer else None
+    if cannot_write:
         logger.warning("Teacher logits: cannot write to the cache dir %s (%s); the teacher runs and its logits "
                        "are kept in memory for this run only (pass a writable --teacher_cache_dir to cache them).",
-                       cache_dir, unwritable)
+                       cache_dir, cannot_write)
 
     logger.info("Teacher logits: cache miss; running %s once over %d features in %s.",
                 teacher_name_or_path, num_features, info["teacher_dtype"])
@@ -237,7 +226,7 @@ def teacher_logits(
         torch.cuda.empty_cache()
     start, end = start.astype(np.float32), end.astype(np.float32)  # what a cache hit gives
     written = not writer
-    if writer and not unwritable:
+    if writer and not cannot_write:
         try:
             _publish(entry, start, end,
                      {"teacher": teacher_name_or_path, "model_dir": os.path.abspath(model_dir),

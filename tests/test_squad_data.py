@@ -519,3 +519,53 @@ def test_empty_and_json_lines_files_get_a_format_hint(tmp_path):
     with pytest.raises(SquadFormatError) as info:
         read_squad_json(broken)
     assert str(info.value).endswith("broken.json: not valid JSON (Expecting value: line 1 column 11 (char 10)).")
+
+
+# ------------------------------------------------------------------------------------------
+# Streaming: load_squad reads a file article by article, never the whole document
+# ------------------------------------------------------------------------------------------
+
+
+def _old_load(path):
+    records, _ = validate_records(flatten_squad(read_squad_json(path), str(path)), str(path))
+    return records
+
+
+@pytest.mark.parametrize("read_chars", [1 << 20, 7])  # 7: every value spans many reads
+def test_streaming_load_gives_the_records_of_the_whole_document_load(squad_fixture_path, tmp_path, monkeypatch,
+                                                                     read_chars):
+    import kd.squad
+
+    data = json.loads(squad_fixture_path.read_text())
+    moved = tmp_path / "data_not_first.json"  # "data" between other keys, odd spacing, numbers at the edges
+    moved.write_text('{ "n" : 12 ,\n"data"  :  ' + json.dumps(data["data"]) + ' , "version": "v2.0", "x": [1, 2.5]}\n')
+    expected = _old_load(squad_fixture_path)
+    monkeypatch.setattr(kd.squad, "_READ_CHARS", read_chars)
+    monkeypatch.setattr(json, "load", lambda *a, **k: pytest.fail("read the whole document"))
+    for path in (squad_fixture_path, moved):
+        assert load_squad(str(path)).to_list() == expected
+    assert load_squad(str(moved), max_samples=5).to_list() == expected[:5]
+
+
+def test_streaming_load_keeps_the_error_messages(squad_fixture_path, tmp_path):
+    text = squad_fixture_path.read_text()
+    cases = {"truncated.json": text[: len(text) // 2], "empty.json": "", "no_data.json": '{"version": "1"}',
+             "data_not_list.json": '{"data": {"title": "x"}}',
+             "lines.json": '{"data": []}\n{"data": []}\n',
+             "no_paragraphs.json": json.dumps({"data": [json.loads(text)["data"][0], {"title": "T"}]})}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(SquadFormatError) as old:
+            flatten_squad(read_squad_json(path), str(path))
+        with pytest.raises(SquadFormatError) as new:
+            load_squad(str(path))
+        assert str(new.value) == str(old.value), name
+    # a bad record past max_samples is still an error, as before
+    data = json.loads(text)
+    data["data"][-1]["paragraphs"][-1]["qas"][-1]["id"] = data["data"][0]["paragraphs"][0]["qas"][0]["id"]
+    dup = tmp_path / "dup.json"
+    dup.write_text(json.dumps(data))
+    with pytest.raises(SquadFormatError, match="(?s)1 invalid record.*duplicate question id"):
+        load_squad(str(dup), max_samples=3)
+    assert len(load_squad(str(dup), skip_invalid=True)) == 127
