@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 
+from kd.args import HelpFormatter, positive_int
 from kd.files import write_json_atomic
 from kd.launcher import die_with_parent, error_paragraph
 from kd.pipeline import (PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, argv_flags, changed_flags, changed_outputs,
@@ -52,21 +53,31 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 LOCK_FILE = "pipeline.lock"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="recipes/*.yaml")
-    parser.add_argument("--output_dir", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--recipe", required=True, help="The recipe: recipes/*.yaml.")
+    parser.add_argument("--output_dir", required=True,
+                        help="Where every stage writes (OUTPUT_DIR/<stage>, its log OUTPUT_DIR/<stage>/stage.log).")
     parser.add_argument("--stages", default=None, help=f"Comma-separated subset of {','.join(STAGES)} (default: all "
                                                       "the recipe has); the stages they need must have finished.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                         help="Override one recipe setting (repeatable); the value is read as YAML.")
     parser.add_argument("--rerun", default=None, metavar="STAGE", help="Redo this stage and every stage after it.")
-    parser.add_argument("--dry_run", action="store_true", help="Print the commands, run nothing.")
+    parser.add_argument("--dry_run", action="store_true", help="Print the plan and the commands, run nothing.")
     parser.add_argument("--launcher", default="local", choices=["local", "slurm"],
-                        help="local: training stages on this machine (launch.py accelerate launch); slurm: on every "
+                        help="local: launched stages on this machine (launch.py accelerate launch); slurm: on every "
                              "node of the SLURM allocation, one accelerate launch per node (slurm/node_launch.sh).")
-    return parser.parse_args(argv)
+    parser.add_argument("--num_processes", type=positive_int, default=None,
+                        help="Processes (ranks) of every launched stage, all machines together (default: the "
+                             "visible GPUs x --num_machines for a multi-GPU launch config, else the config's).")
+    parser.add_argument("--num_machines", type=positive_int, default=None,
+                        help="Machines (nodes) of every launched stage (default: with --launcher slurm the "
+                             "allocation's tasks, one per node; else the launch config's).")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def script_module(name: str):
