@@ -44,9 +44,10 @@ import time
 from kd.args import HelpFormatter, positive_int
 from kd.files import write_json_atomic
 from kd.launcher import die_with_parent, error_paragraph
-from kd.pipeline import (PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, argv_flags, changed_flags, changed_outputs,
-                         command, finished_marker, fingerprint, headline, launch_config, read_recipe, same_command,
-                         shell_line)
+from kd.pipeline import (LAUNCHED, PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, argv_flags, batch_plan,
+                         changed_flags, changed_outputs, command, finished_marker, fingerprint, headline,
+                         launch_config, layout, read_launch_config, read_recipe, same_command, shell_line,
+                         visible_gpus)
 from kd.run_dir import OutputDirInUseError, hold_dir
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -106,8 +107,6 @@ def validate(stages, commands, finished) -> list[str]:
         module = modules.setdefault(stage.script, script_module(stage.script))
         unknown = unknown_flags(stage, module)
         problems += [f"stage {name}: {stage.script} has no --{key}" for key in unknown]
-        if name in TRAINING:
-            problems += launch_config_problems(name, launch_config(stage, REPO))
         argv = commands[name][commands[name].index(os.path.join(REPO, stage.script)) + 1:]
         ready = stage.refs <= finished and hasattr(module, "parse_args") and not unknown
         err = io.StringIO()
@@ -121,20 +120,13 @@ def validate(stages, commands, finished) -> list[str]:
     return problems
 
 
-def launch_config_problems(name: str, path: str) -> list[str]:
-    import yaml
-
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
-    except OSError as err:
-        return [f"stage {name}: cannot read its launch config {path} ({err.strerror or err}); name an existing "
-                "file of accelerate_configs/ with 'launch:'"]
-    except yaml.YAMLError as err:
-        return [f"stage {name}: its launch config {path} is not valid YAML ({getattr(err, 'problem', err)})"]
-    if not isinstance(config, dict):
-        return [f"stage {name}: its launch config {path} is not an Accelerate config (a mapping)"]
-    return []
+def stage_layout(stage, args):
+    """The processes of a launched stage: pipeline.py's flags, else (under SLURM) one machine per task of the
+    allocation, else its launch config; a multi-GPU config on every GPU this machine sees (kd.pipeline.layout)."""
+    machines = args.num_machines
+    if machines is None and args.launcher == "slurm" and os.environ.get("SLURM_NTASKS", "").isdigit():
+        machines = int(os.environ["SLURM_NTASKS"])  # what slurm/node_launch.sh counts as nodes
+    return layout(read_launch_config(launch_config(stage, REPO)), args.num_processes, machines, visible_gpus())
 
 
 def load_record(path: str) -> dict:
@@ -263,11 +255,13 @@ def run(args, forwarder: Forwarder) -> int:
         if unknown or (args.rerun and args.rerun not in stages):
             problems.append(f"--stages/--rerun name(s) {unknown or [args.rerun]} not in the recipe "
                             f"({', '.join(stages)})")
-        commands = {}
+        commands, plans = {}, {}
         for name, stage in stages.items():
             try:
                 if not stage.use:
-                    commands[name] = command(stage, out, stages, REPO, args.launcher)
+                    processes = stage_layout(stage, args) if name in LAUNCHED else None
+                    plans[name] = batch_plan(stage, processes) if processes else ""
+                    commands[name] = command(stage, out, stages, REPO, args.launcher, processes)
             except RecipeError as e:
                 problems += [f"stage {name}: {p}" for p in e.problems]
         if problems and args.dry_run:  # else they are listed with the stages' own problems below
@@ -277,7 +271,8 @@ def run(args, forwarder: Forwarder) -> int:
         return 2
     if args.dry_run:
         for name in selected:
-            print(f"# {name}\n{shell_line(commands[name]) if name in commands else '# uses ' + stages[name].use}")
+            plan = f": {plans[name]}" if plans.get(name) else ""
+            print(f"# {name}{plan}\n{shell_line(commands[name]) if name in commands else '# uses ' + stages[name].use}")
         return 0
 
     # ---------------------------------------------------------------- what has run, what changed, what to redo
