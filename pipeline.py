@@ -35,6 +35,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,11 @@ from kd.run_dir import OutputDirInUseError, hold_dir
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 LOCK_FILE = "pipeline.lock"
+# a tqdm bar in a stage's log: "train:  45%|####5     | 90/200 [00:30<00:40,  2.1it/s, loss=1.2]"
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
+PROGRESS_EVERY_S = 30  # on a terminal that is no tty (a SLURM .out file, a pipe): one progress line this often
+TRY_QUESTION = ("Who gave their name to Normandy?",
+                "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,14 +236,78 @@ class Forwarder:
             signal.signal(s, h)
 
 
-def run_stage(cmd: list[str], log_path: str, forwarder: Forwarder) -> int:
-    with open(log_path, "a") as log:
+class Progress:
+    """A running stage's latest progress bar, read from its log as it grows, on this process's stdout: redrawn in
+    place on a tty (at most once a second), else one line when it first shows, every PROGRESS_EVERY_S seconds and
+    at the end. The stage itself writes only to its log, so it never waits on (or dies with) a reader."""
+
+    def __init__(self, name: str, log, stream=None):
+        self.name, self.log, self.stream = name, log, stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.tail, self.latest, self.shown, self.shown_at, self.drawn = "", None, None, 0.0, False
+
+    def poll(self, final: bool = False) -> None:
+        data = self.log.read()
+        if data:
+            pieces = re.split(r"[\r\n]", self.tail + data.decode(errors="replace"))
+            self.tail = pieces[-1]  # tqdm leaves its current bar unterminated: it counts as the latest
+            bars = [p.strip() for p in pieces if PROGRESS_BAR.search(p)]
+            self.latest = bars[-1] if bars else self.latest
+        if self.latest is None or self.latest == self.shown:
+            return
+        now = time.monotonic()
+        if self.tty and (final or now - self.shown_at >= 1):
+            self.stream.write(f"\r\x1b[K[{self.name}] {self.latest}"[:300])
+            self.drawn = True
+        elif not self.tty and (final or self.shown is None or now - self.shown_at >= PROGRESS_EVERY_S):
+            self.stream.write(f"[{self.name}] {self.latest}\n")
+        else:
+            return
+        self.stream.flush()
+        self.shown, self.shown_at = self.latest, now
+
+    def close(self) -> None:
+        self.poll(final=True)
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def run_stage(cmd: list[str], log_path: str, forwarder: Forwarder, name: str = "stage") -> int:
+    with open(log_path, "a") as log, open(log_path, "rb") as reader:
         log.write(f"\n$ {shell_line(cmd)}\n")
         log.flush()
+        reader.seek(0, os.SEEK_END)  # this run's progress, not a previous attempt's
+        progress = Progress(name, reader)
         child = forwarder.start(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        code = child.wait()
+        while True:
+            try:
+                code = child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                progress.poll()
+        progress.close()
         forwarder.child = None
     return code
+
+
+def shown_path(path: str) -> str:
+    """A path as the user may type it here: relative when it lies below the current dir."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
+
+
+def final_student(out: str, record: dict) -> str | None:
+    """The lines naming the recipe's student (the prediction stage's output) and how to try it, once it finished."""
+    entry = record["stages"].get("prediction") or {}
+    if entry.get("status") != "finished":
+        return None
+    student = shown_path(os.path.join(out, "prediction"))
+    scores = ", ".join(f"{k} {v}" for k, v in (entry.get("metrics") or {}).items() if k in ("exact", "f1"))
+    question, context = TRY_QUESTION
+    try_it = shell_line(["python", shown_path(os.path.join(REPO, "predict.py")), "--model_name_or_path", student,
+                         "--question", question, "--context", context])
+    return f"student: {student}" + (f" ({scores})" if scores else "") + f"\ntry: {try_it}"
 
 
 def main(argv=None) -> int:
@@ -329,10 +399,11 @@ def run(args, forwarder: Forwarder) -> int:
             entry = {"status": "running", "command": commands[name], "start": time.strftime("%Y-%m-%dT%H:%M:%S")}
             record["stages"][name] = entry
             write_json_atomic(record_path, record)
-            print(f"[{name}] {shell_line(commands[name])}", flush=True)
+            print(f"[{name}] {shell_line(commands[name])}\n[{name}] its whole output: "
+                  f"{shown_path(os.path.join(out, name, 'stage.log'))}", flush=True)
             t0 = time.time()
             os.makedirs(os.path.join(out, name), exist_ok=True)
-            code = run_stage(commands[name], os.path.join(out, name, "stage.log"), forwarder)
+            code = run_stage(commands[name], os.path.join(out, name, "stage.log"), forwarder, name)
             done = os.path.isfile(finished_marker(name, out))
             if name in TRAINING and done:  # a resumed run that stopped again writes preempted.json, not this
                 done = json.load(open(finished_marker(name, out))).get("status") == "finished"
@@ -354,6 +425,9 @@ def run(args, forwarder: Forwarder) -> int:
                 print(f"pipeline.py: stage {name} failed (exit {code}): {said}\n(the whole output: {log})",
                       file=sys.stderr)
                 return 1
+    student = final_student(out, record)
+    if student:
+        print(student, flush=True)
     return 0
 
 

@@ -386,3 +386,51 @@ def test_a_prediction_stage_distils_across_tokenizers(tiny_bert_qa_dir, tiny_rob
     results = read_json(out / "prediction" / "all_results.json")
     assert results["status"] == "finished" and results["teacher_tokenization"].startswith("differs")
     assert read_json(out / "pipeline.json")["stages"]["prediction"]["status"] == "finished"
+
+
+# --- what the terminal shows while stages run, and at the end ------------------------------------------------------
+def test_progress_shows_the_latest_bar_of_a_growing_log(tmp_path, monkeypatch):
+    import io
+
+    log = tmp_path / "stage.log"
+    log.write_bytes(b"")
+    shown = io.StringIO()
+    with open(log, "rb") as reader:
+        progress = pipeline.Progress("teacher", reader, shown)
+        with open(log, "ab") as writer:
+            writer.write(b"loading\n\r  0%|          | 0/200 [00:00<?, ?it/s]\r 10%|#         | 20/200 [00:02<00:18]")
+            writer.flush()
+            progress.poll()  # the first bar shows at once
+            writer.write(b"\r 20%|##        | 40/200 [00:04<00:16]\r 30%|###       | 60/200 [00:06<00:14]")
+            writer.flush()
+            progress.poll()  # not yet PROGRESS_EVERY_S later: nothing
+            monkeypatch.setattr(pipeline, "PROGRESS_EVERY_S", 0)
+            writer.write(b"\r100%|##########| 200/200 [00:20<00:00]\nsaved\n")
+            writer.flush()
+            progress.close()
+    assert shown.getvalue().splitlines() == ["[teacher] 10%|#         | 20/200 [00:02<00:18]",
+                                             "[teacher] 100%|##########| 200/200 [00:20<00:00]"]
+
+
+@pytest.mark.slow
+def test_a_pipeline_shows_its_stages_progress_and_names_the_student_and_how_to_try_it(tiny_bert_qa_dir, tmp_path):
+    squad = str(FIXTURES_DIR / "squad_v2_dev_slice.json")
+    train = dict(per_device_train_batch_size=8, learning_rate=1e-3, seed=3, keep_checkpoints="none", **WINDOW)
+    stages = {"teacher": dict(model_name_or_path=str(tiny_bert_qa_dir), train_file=squad, max_train_steps=3, **train),
+              "prediction": dict(model_name_or_path=str(tiny_bert_qa_dir), teacher_name_or_path="${teacher}",
+                                 train_file=squad, max_train_steps=3, **train)}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"launch": "accelerate_configs/cpu.yaml", "stages": stages}))
+    out = tmp_path / "run"
+    proc = _run("--recipe", recipe, "--output_dir", out)
+    lines = proc.stdout.splitlines()
+    assert f"[teacher] its whole output: {out / 'teacher' / 'stage.log'}" in lines
+    bars = [line for line in lines if line.startswith("[prediction] ") and "3/3 [" in line and "100%|" in line]
+    assert bars, proc.stdout  # the training loop's bar, forwarded from the stage's log
+    assert "100%|" in (out / "prediction" / "stage.log").read_text()  # the log keeps everything
+    student, try_it = lines[-2:]
+    assert student.startswith(f"student: {out / 'prediction'}"), proc.stdout
+    assert try_it.startswith("try: python predict.py --model_name_or_path "), try_it
+    answer = subprocess.run(try_it[len("try: "):], shell=True, cwd=REPO_ROOT, env=script_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert answer.returncode == 0 and '"answer"' in answer.stdout, answer.stderr[-2000:]
