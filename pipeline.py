@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import importlib.util
 import io
 import json
@@ -101,15 +102,40 @@ def unknown_flags(stage, module) -> list[str]:
     return [key for key in stage.args if f"--{key}" not in flags]
 
 
+def missing_inputs(stages) -> dict[str, list[str]]:
+    """Per stage, the files the recipe names that are not there (what the user brings: data, vectors; paths are
+    relative to the repository, where the stages run): ``{stage: ["--glove_path data/glove.6B.300d.txt", ...]}``.
+    A value naming another stage's product (``${...}``) or no local path (a hub name such as squad_v2) is not one."""
+    missing = {}
+    for name, stage in stages.items():
+        for key, value in stage.args.items():
+            if not key.endswith(("_file", "_files", "_path")) or key.endswith("name_or_path"):
+                continue
+            for v in (value if isinstance(value, list) else [value]):
+                local = isinstance(v, str) and "${" not in v and ("/" in v or os.path.splitext(v)[1])
+                if local and not glob.glob(os.path.join(REPO, os.path.expanduser(v))):
+                    missing.setdefault(name, []).append(f"--{key} {v}")
+    return missing
+
+
+def script_error(stderr: str) -> str:
+    """What a script's parser said (``usage: ...\nPROG: error: MESSAGE``): the message alone, on one line."""
+    said = stderr.strip().split(": error: ", 1)[-1]
+    return " ".join(said.split())
+
+
 def validate(stages, commands, finished) -> list[str]:
     """Every problem found without running a stage: unknown flags, launch configs; for stages whose inputs exist
     now, their script's own argument checks and, for intermediate-layer stages, whether student and teacher
     tokenize alike; for the others, what their script's parser checks alone (types, choices, required flags), the
     paths they name not yet existing."""
     problems, modules = [], {}
+    missing = missing_inputs({n: s for n, s in stages.items() if not s.use and n in commands})
     for name, stage in stages.items():
         if stage.use or name not in commands:
             continue
+        absent = missing.get(name, [])
+        problems += [f"stage {name} ({stage.script}): {flag} does not exist" for flag in absent]
         module = modules.setdefault(stage.script, script_module(stage.script))
         unknown = unknown_flags(stage, module)
         problems += [f"stage {name}: {stage.script} has no --{key}" for key in unknown]
@@ -120,7 +146,9 @@ def validate(stages, commands, finished) -> list[str]:
             with contextlib.redirect_stderr(err):
                 module.parse_args(argv) if ready else module.build_parser().parse_known_args(argv)
         except SystemExit:
-            problems.append(f"stage {name}: {err.getvalue().strip().splitlines()[-1].split(': error: ', 1)[-1]}")
+            said = script_error(err.getvalue())
+            if not any(re.search(rf"{re.escape(flag.split()[0])}\b", said) for flag in absent):  # said above
+                problems.append(f"stage {name} ({stage.script}): {said}")
         if ready and stage.script != "train_prediction.py":  # prediction-layer distillation: any teacher's tokenizer
             problems += tokenizer_mismatch(name, argv)
     return problems
@@ -340,9 +368,12 @@ def run(args, forwarder: Forwarder) -> int:
         print(f"pipeline.py: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        absent = missing_inputs({n: stages[n] for n in selected if n in commands})
         for name in selected:
             plan = f": {plans[name]}" if plans.get(name) else ""
             print(f"# {name}{plan}\n{shell_line(commands[name]) if name in commands else '# uses ' + stages[name].use}")
+        for name, flags in absent.items():
+            print(f"# not there yet, to bring before running: stage {name} ({stages[name].script}): {', '.join(flags)}")
         return 0
 
     # ---------------------------------------------------------------- what has run, what changed, what to redo

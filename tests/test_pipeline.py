@@ -146,7 +146,7 @@ def test_recipe_errors_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_pa
     recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, prediction__no_such_flag=1, teacher__max_seq_length=600)
     proc = _run("--recipe", recipe, "--output_dir", tmp_path / "out", check=False)
     assert proc.returncode == 2 and "stage prediction: train_prediction.py has no --no_such_flag" in proc.stderr
-    assert "stage teacher: " in proc.stderr and "exceeds the 512 positions" in proc.stderr
+    assert "stage teacher (train_prediction.py): " in proc.stderr and "exceeds the 512 positions" in proc.stderr
     assert not (tmp_path / "out" / "teacher").exists()
 
     data = yaml.safe_load(open(recipe))
@@ -171,14 +171,32 @@ def test_every_problem_of_every_stage_is_listed_before_anything_runs(tiny_bert_q
     out = tmp_path / "out"
     proc = _run("--recipe", recipe, "--output_dir", out, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    for expected in ("stage prediction: argument --max_train_steps: invalid positive_int value: 'many'",
-                     "stage student_kd: argument --keep_checkpoints: invalid choice: 'sometimes'",
+    for expected in ("stage prediction (train_prediction.py): argument --max_train_steps: invalid positive_int value: 'many'",
+                     "stage student_kd (train_prediction.py): argument --keep_checkpoints: invalid choice: 'sometimes'",
                      "stage student_nokd: ${student_init.model} names no stage",
                      "stage evaluate: ${nosuch} names no stage",
                      "stage task_intermediate: cannot read its launch config",
                      "stage general: layer_map: a dict is no script argument"):
         assert expected in proc.stderr, proc.stderr
     assert sorted(os.listdir(out)) == ["pipeline.lock"]  # no stage ran, nothing recorded
+
+
+def test_every_missing_input_of_every_stage_is_listed_once(tiny_bert_qa_dir, tiny_glove, tmp_path):
+    """What the user brings (data, vectors), checked across all stages in one run: each missing file once, named
+    with its stage and script, not just the first one the first script's parser meets."""
+    recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, teacher__train_file="data/no-train-v2.0.json",
+                     augment__train_file="data/no-train-v2.0.json", augment__glove_path="data/no-glove.6B.300d.txt")
+    proc = _run("--recipe", recipe, "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for expected in ("stage teacher (train_prediction.py): --train_file data/no-train-v2.0.json does not exist",
+                     "stage augment (augment.py): --train_file data/no-train-v2.0.json does not exist",
+                     "stage augment (augment.py): --glove_path data/no-glove.6B.300d.txt does not exist"):
+        assert proc.stderr.count(expected) == 1, proc.stderr
+    assert proc.stderr.count("stage augment") == 2 and proc.stderr.count("stage teacher") == 1, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr  # pipeline.py's, not a script's inside it
+    dry = _run("--recipe", recipe, "--output_dir", tmp_path / "out", "--dry_run")
+    assert ("# not there yet, to bring before running: stage augment (augment.py): --train_file "
+            "data/no-train-v2.0.json, --glove_path data/no-glove.6B.300d.txt") in dry.stdout
 
 
 @pytest.mark.parametrize("text, expected", [
