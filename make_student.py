@@ -31,7 +31,7 @@ import tempfile
 
 from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
 
-from kd.args import fraction, positive_float, positive_int
+from kd.args import HelpFormatter, fraction, positive_float, positive_int
 from kd.files import write_text_atomic
 from kd.model_card import write_model_card
 from kd.models import NoTokenizerError, load_tokenizer, save_weights, usable_positions
@@ -46,12 +46,13 @@ from kd.vocab import (choose_tokens, config_token_ids, coverage, merge_parents, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher_name_or_path", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--teacher_name_or_path", required=True,
+                        help="The model whose blocks, embeddings and tokenizer the student takes (dir or hub name).")
     parser.add_argument("--layers", default=None,
                         help="Block numbers to keep, e.g. '2,4,6', or 'every_other'; default (only with "
                              "--prune_vocab_file): all of them.")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", required=True, help="Where the student (and student_origin.json) goes.")
     parser.add_argument("--head", default="qa", choices=["qa", "none"],
                         help="qa: keep/initialise a QA head (AutoModelForQuestionAnswering); none: bare encoder.")
     g = parser.add_argument_group("vocabulary pruning")
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Build the largest student whose median latency here is at most this.")
     t.add_argument("--max_seq_length", type=positive_int, default=384, help="Window length the timing uses.")
     t.add_argument("--per_device_eval_batch_size", type=positive_int, default=1, help="Batch the timing uses.")
-    t.add_argument("--warmup_batches", type=positive_int, default=3)
+    t.add_argument("--warmup_batches", type=positive_int, default=3, help="Untimed rounds before the timing.")
     t.add_argument("--timing_batches", type=positive_int, default=20,
                    help="Timed rounds (one batch of every model per round, in turn).")
     return parser

@@ -31,42 +31,61 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+from kd.args import HelpFormatter, positive_int
 from kd.files import write_json_atomic
 from kd.launcher import die_with_parent, error_paragraph
-from kd.pipeline import (PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, argv_flags, changed_flags, changed_outputs,
-                         command, finished_marker, fingerprint, headline, launch_config, read_recipe, same_command,
-                         shell_line)
+from kd.pipeline import (LAUNCHED, PREEMPTED_EXIT, STAGES, TRAINING, RecipeError, argv_flags, batch_plan,
+                         changed_flags, changed_outputs, command, finished_marker, fingerprint, headline,
+                         launch_config, layout, read_launch_config, read_recipe, same_command, shell_line,
+                         visible_gpus)
 from kd.run_dir import OutputDirInUseError, hold_dir
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 LOCK_FILE = "pipeline.lock"
+# a tqdm bar in a stage's log: "train:  45%|####5     | 90/200 [00:30<00:40,  2.1it/s, loss=1.2]"
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
+PROGRESS_EVERY_S = 30  # on a terminal that is no tty (a SLURM .out file, a pipe): one progress line this often
+TRY_QUESTION = ("Who gave their name to Normandy?",
+                "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy.")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="recipes/*.yaml")
-    parser.add_argument("--output_dir", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--recipe", required=True, help="The recipe: recipes/*.yaml.")
+    parser.add_argument("--output_dir", required=True,
+                        help="Where every stage writes (OUTPUT_DIR/<stage>, its log OUTPUT_DIR/<stage>/stage.log).")
     parser.add_argument("--stages", default=None, help=f"Comma-separated subset of {','.join(STAGES)} (default: all "
                                                       "the recipe has); the stages they need must have finished.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                         help="Override one recipe setting (repeatable); the value is read as YAML.")
     parser.add_argument("--rerun", default=None, metavar="STAGE", help="Redo this stage and every stage after it.")
-    parser.add_argument("--dry_run", action="store_true", help="Print the commands, run nothing.")
+    parser.add_argument("--dry_run", action="store_true", help="Print the plan and the commands, run nothing.")
     parser.add_argument("--launcher", default="local", choices=["local", "slurm"],
-                        help="local: training stages on this machine (launch.py accelerate launch); slurm: on every "
+                        help="local: launched stages on this machine (launch.py accelerate launch); slurm: on every "
                              "node of the SLURM allocation, one accelerate launch per node (slurm/node_launch.sh).")
-    return parser.parse_args(argv)
+    parser.add_argument("--num_processes", type=positive_int, default=None,
+                        help="Processes (ranks) of every launched stage, all machines together (default: the "
+                             "visible GPUs x --num_machines for a multi-GPU launch config, else the config's).")
+    parser.add_argument("--num_machines", type=positive_int, default=None,
+                        help="Machines (nodes) of every launched stage (default: with --launcher slurm the "
+                             "allocation's tasks, one per node; else the launch config's).")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def script_module(name: str):
@@ -83,20 +102,43 @@ def unknown_flags(stage, module) -> list[str]:
     return [key for key in stage.args if f"--{key}" not in flags]
 
 
+def missing_inputs(stages) -> dict[str, list[str]]:
+    """Per stage, the files the recipe names that are not there (what the user brings: data, vectors; paths are
+    relative to the repository, where the stages run): ``{stage: ["--glove_path data/glove.6B.300d.txt", ...]}``.
+    A value naming another stage's product (``${...}``) or no local path (a hub name such as squad_v2) is not one."""
+    missing = {}
+    for name, stage in stages.items():
+        for key, value in stage.args.items():
+            if not key.endswith(("_file", "_files", "_path")) or key.endswith("name_or_path"):
+                continue
+            for v in (value if isinstance(value, list) else [value]):
+                local = isinstance(v, str) and "${" not in v and ("/" in v or os.path.splitext(v)[1])
+                if local and not glob.glob(os.path.join(REPO, os.path.expanduser(v))):
+                    missing.setdefault(name, []).append(f"--{key} {v}")
+    return missing
+
+
+def script_error(stderr: str) -> str:
+    """What a script's parser said (``usage: ...\nPROG: error: MESSAGE``): the message alone, on one line."""
+    said = stderr.strip().split(": error: ", 1)[-1]
+    return " ".join(said.split())
+
+
 def validate(stages, commands, finished) -> list[str]:
     """Every problem found without running a stage: unknown flags, launch configs; for stages whose inputs exist
     now, their script's own argument checks and, for intermediate-layer stages, whether student and teacher
     tokenize alike; for the others, what their script's parser checks alone (types, choices, required flags), the
     paths they name not yet existing."""
     problems, modules = [], {}
+    missing = missing_inputs({n: s for n, s in stages.items() if not s.use and n in commands})
     for name, stage in stages.items():
         if stage.use or name not in commands:
             continue
+        absent = missing.get(name, [])
+        problems += [f"stage {name} ({stage.script}): {flag} does not exist" for flag in absent]
         module = modules.setdefault(stage.script, script_module(stage.script))
         unknown = unknown_flags(stage, module)
         problems += [f"stage {name}: {stage.script} has no --{key}" for key in unknown]
-        if name in TRAINING:
-            problems += launch_config_problems(name, launch_config(stage, REPO))
         argv = commands[name][commands[name].index(os.path.join(REPO, stage.script)) + 1:]
         ready = stage.refs <= finished and hasattr(module, "parse_args") and not unknown
         err = io.StringIO()
@@ -104,26 +146,21 @@ def validate(stages, commands, finished) -> list[str]:
             with contextlib.redirect_stderr(err):
                 module.parse_args(argv) if ready else module.build_parser().parse_known_args(argv)
         except SystemExit:
-            problems.append(f"stage {name}: {err.getvalue().strip().splitlines()[-1].split(': error: ', 1)[-1]}")
+            said = script_error(err.getvalue())
+            if not any(re.search(rf"{re.escape(flag.split()[0])}\b", said) for flag in absent):  # said above
+                problems.append(f"stage {name} ({stage.script}): {said}")
         if ready and stage.script != "train_prediction.py":  # prediction-layer distillation: any teacher's tokenizer
             problems += tokenizer_mismatch(name, argv)
     return problems
 
 
-def launch_config_problems(name: str, path: str) -> list[str]:
-    import yaml
-
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
-    except OSError as err:
-        return [f"stage {name}: cannot read its launch config {path} ({err.strerror or err}); name an existing "
-                "file of accelerate_configs/ with 'launch:'"]
-    except yaml.YAMLError as err:
-        return [f"stage {name}: its launch config {path} is not valid YAML ({getattr(err, 'problem', err)})"]
-    if not isinstance(config, dict):
-        return [f"stage {name}: its launch config {path} is not an Accelerate config (a mapping)"]
-    return []
+def stage_layout(stage, args):
+    """The processes of a launched stage: pipeline.py's flags, else (under SLURM) one machine per task of the
+    allocation, else its launch config; a multi-GPU config on every GPU this machine sees (kd.pipeline.layout)."""
+    machines = args.num_machines
+    if machines is None and args.launcher == "slurm" and os.environ.get("SLURM_NTASKS", "").isdigit():
+        machines = int(os.environ["SLURM_NTASKS"])  # what slurm/node_launch.sh counts as nodes
+    return layout(read_launch_config(launch_config(stage, REPO)), args.num_processes, machines, visible_gpus())
 
 
 def load_record(path: str) -> dict:
@@ -227,14 +264,78 @@ class Forwarder:
             signal.signal(s, h)
 
 
-def run_stage(cmd: list[str], log_path: str, forwarder: Forwarder) -> int:
-    with open(log_path, "a") as log:
+class Progress:
+    """A running stage's latest progress bar, read from its log as it grows, on this process's stdout: redrawn in
+    place on a tty (at most once a second), else one line when it first shows, every PROGRESS_EVERY_S seconds and
+    at the end. The stage itself writes only to its log, so it never waits on (or dies with) a reader."""
+
+    def __init__(self, name: str, log, stream=None):
+        self.name, self.log, self.stream = name, log, stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.tail, self.latest, self.shown, self.shown_at, self.drawn = "", None, None, 0.0, False
+
+    def poll(self, final: bool = False) -> None:
+        data = self.log.read()
+        if data:
+            pieces = re.split(r"[\r\n]", self.tail + data.decode(errors="replace"))
+            self.tail = pieces[-1]  # tqdm leaves its current bar unterminated: it counts as the latest
+            bars = [p.strip() for p in pieces if PROGRESS_BAR.search(p)]
+            self.latest = bars[-1] if bars else self.latest
+        if self.latest is None or self.latest == self.shown:
+            return
+        now = time.monotonic()
+        if self.tty and (final or now - self.shown_at >= 1):
+            self.stream.write(f"\r\x1b[K[{self.name}] {self.latest}"[:300])
+            self.drawn = True
+        elif not self.tty and (final or self.shown is None or now - self.shown_at >= PROGRESS_EVERY_S):
+            self.stream.write(f"[{self.name}] {self.latest}\n")
+        else:
+            return
+        self.stream.flush()
+        self.shown, self.shown_at = self.latest, now
+
+    def close(self) -> None:
+        self.poll(final=True)
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def run_stage(cmd: list[str], log_path: str, forwarder: Forwarder, name: str = "stage") -> int:
+    with open(log_path, "a") as log, open(log_path, "rb") as reader:
         log.write(f"\n$ {shell_line(cmd)}\n")
         log.flush()
+        reader.seek(0, os.SEEK_END)  # this run's progress, not a previous attempt's
+        progress = Progress(name, reader)
         child = forwarder.start(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        code = child.wait()
+        while True:
+            try:
+                code = child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                progress.poll()
+        progress.close()
         forwarder.child = None
     return code
+
+
+def shown_path(path: str) -> str:
+    """A path as the user may type it here: relative when it lies below the current dir."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
+
+
+def final_student(out: str, record: dict) -> str | None:
+    """The lines naming the recipe's student (the prediction stage's output) and how to try it, once it finished."""
+    entry = record["stages"].get("prediction") or {}
+    if entry.get("status") != "finished":
+        return None
+    student = shown_path(os.path.join(out, "prediction"))
+    scores = ", ".join(f"{k} {v}" for k, v in (entry.get("metrics") or {}).items() if k in ("exact", "f1"))
+    question, context = TRY_QUESTION
+    try_it = shell_line(["python", shown_path(os.path.join(REPO, "predict.py")), "--model_name_or_path", student,
+                         "--question", question, "--context", context])
+    return f"student: {student}" + (f" ({scores})" if scores else "") + f"\ntry: {try_it}"
 
 
 def main(argv=None) -> int:
@@ -252,11 +353,13 @@ def run(args, forwarder: Forwarder) -> int:
         if unknown or (args.rerun and args.rerun not in stages):
             problems.append(f"--stages/--rerun name(s) {unknown or [args.rerun]} not in the recipe "
                             f"({', '.join(stages)})")
-        commands = {}
+        commands, plans = {}, {}
         for name, stage in stages.items():
             try:
                 if not stage.use:
-                    commands[name] = command(stage, out, stages, REPO, args.launcher)
+                    processes = stage_layout(stage, args) if name in LAUNCHED else None
+                    plans[name] = batch_plan(stage, processes) if processes else ""
+                    commands[name] = command(stage, out, stages, REPO, args.launcher, processes)
             except RecipeError as e:
                 problems += [f"stage {name}: {p}" for p in e.problems]
         if problems and args.dry_run:  # else they are listed with the stages' own problems below
@@ -265,8 +368,12 @@ def run(args, forwarder: Forwarder) -> int:
         print(f"pipeline.py: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        absent = missing_inputs({n: stages[n] for n in selected if n in commands})
         for name in selected:
-            print(f"# {name}\n{shell_line(commands[name]) if name in commands else '# uses ' + stages[name].use}")
+            plan = f": {plans[name]}" if plans.get(name) else ""
+            print(f"# {name}{plan}\n{shell_line(commands[name]) if name in commands else '# uses ' + stages[name].use}")
+        for name, flags in absent.items():
+            print(f"# not there yet, to bring before running: stage {name} ({stages[name].script}): {', '.join(flags)}")
         return 0
 
     # ---------------------------------------------------------------- what has run, what changed, what to redo
@@ -323,10 +430,11 @@ def run(args, forwarder: Forwarder) -> int:
             entry = {"status": "running", "command": commands[name], "start": time.strftime("%Y-%m-%dT%H:%M:%S")}
             record["stages"][name] = entry
             write_json_atomic(record_path, record)
-            print(f"[{name}] {shell_line(commands[name])}", flush=True)
+            print(f"[{name}] {shell_line(commands[name])}\n[{name}] its whole output: "
+                  f"{shown_path(os.path.join(out, name, 'stage.log'))}", flush=True)
             t0 = time.time()
             os.makedirs(os.path.join(out, name), exist_ok=True)
-            code = run_stage(commands[name], os.path.join(out, name, "stage.log"), forwarder)
+            code = run_stage(commands[name], os.path.join(out, name, "stage.log"), forwarder, name)
             done = os.path.isfile(finished_marker(name, out))
             if name in TRAINING and done:  # a resumed run that stopped again writes preempted.json, not this
                 done = json.load(open(finished_marker(name, out))).get("status") == "finished"
@@ -348,6 +456,9 @@ def run(args, forwarder: Forwarder) -> int:
                 print(f"pipeline.py: stage {name} failed (exit {code}): {said}\n(the whole output: {log})",
                       file=sys.stderr)
                 return 1
+    student = final_student(out, record)
+    if student:
+        print(student, flush=True)
     return 0
 
 

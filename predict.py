@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         parents=[kd_args.window_args(from_model=True), kd_args.eval_batch_args(),
                  kd_args.answer_args(from_model=True)],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=kd_args.HelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="QA model dir or hub id (with its tokenizer).")
     source = parser.add_argument_group("questions (one of)")
     source.add_argument("--question", help="One question (with --context).")

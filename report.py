@@ -61,7 +61,7 @@ def parse_models(specs: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      parents=[kd_args.window_args(), kd_args.eval_batch_args(), kd_args.answer_args()],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=kd_args.HelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME=PATH",
                         help="Models to compare (directories saved with save_pretrained, or hub names).")
     parser.add_argument("--pipeline_dir", default=None,
@@ -70,11 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation_file", default=None, help="SQuAD .json file or a datasets name.")
     parser.add_argument("--validation_split", default="validation", help="datasets split (hub datasets only).")
     kd_args.add_dataset_config_name(parser)
-    parser.add_argument("--max_eval_samples", type=kd_args.positive_int, default=None)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--warmup_batches", type=kd_args.non_negative_int, default=3)
-    parser.add_argument("--timing_batches", type=kd_args.positive_int, default=10)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max_eval_samples", type=kd_args.positive_int, default=None,
+                        help="Score only the first N dev questions (default: all).")
+    parser.add_argument("--output_dir", required=True, help="Where report.json, report.md and the diagram go.")
+    parser.add_argument("--warmup_batches", type=kd_args.non_negative_int, default=3,
+                        help="Untimed forward passes before the timing.")
+    parser.add_argument("--timing_batches", type=kd_args.positive_int, default=10,
+                        help="Timed forward passes; the latency is their median.")
+    parser.add_argument("--seed", type=int, default=42, help="Seeds e.g. a randomly initialised QA head.")
     return parser
 
 

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         parents=[kd_args.general_distillation_args(), kd_args.intermediate_distillation_args(),
                  kd_args.training_args(), kd_args.hub_args()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=kd_args.HelpFormatter)
     return parser
 
 

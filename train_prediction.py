@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[kd_args.squad_data_args(), kd_args.window_args(), kd_args.features_cache_args(),
                  kd_args.eval_batch_args(), kd_args.answer_args(),
                  kd_args.training_args(), kd_args.prediction_distillation_args(), kd_args.hub_args()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=kd_args.HelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="The student (or the model to fine-tune).")
     return parser
 

@@ -46,6 +46,16 @@ def fraction(text: str) -> float:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every script's ``--help``: each flag's default after its help (none for a flag without one or a required
+    flag), the description as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _group(title: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
     parser = argparse.ArgumentParser(add_help=False)
     return parser, parser.add_argument_group(title)
@@ -68,7 +78,8 @@ def squad_data_args() -> argparse.ArgumentParser:
     add_skip_invalid(g)
     g.add_argument("--max_train_samples", type=positive_int, default=None,
                    help="Keep only the first N training questions (debugging, quick runs).")
-    g.add_argument("--max_eval_samples", type=positive_int, default=None)
+    g.add_argument("--max_eval_samples", type=positive_int, default=None,
+                   help="Evaluate on only the first N questions (default: all).")
     return parser
 
 
@@ -93,7 +104,8 @@ def window_args(from_model: bool = False) -> argparse.ArgumentParser:
                         + (later % {"default": 128} if later else ""))
     g.add_argument("--max_query_length", type=positive_int, default=None if from_model else 64,
                    help="Questions are cut to this many tokens." + (later % {"default": 64} if later else ""))
-    g.add_argument("--preprocessing_num_workers", type=positive_int, default=None)
+    g.add_argument("--preprocessing_num_workers", type=positive_int, default=None,
+                   help="Processes that tokenize and window the data (default: this process alone).")
     return parser
 
 
@@ -110,7 +122,8 @@ def features_cache_args() -> argparse.ArgumentParser:
 
 def eval_batch_args() -> argparse.ArgumentParser:
     parser, g = _group("evaluation batches")
-    g.add_argument("--per_device_eval_batch_size", type=positive_int, default=32)
+    g.add_argument("--per_device_eval_batch_size", type=positive_int, default=32,
+                   help="Windows per forward pass in evaluation, per process.")
     return parser
 
 
@@ -157,22 +170,29 @@ def check_windows(parser: argparse.ArgumentParser, args, tokenizer=None) -> None
 # ---------------------------------------------------------------------------------------------------------------
 def training_args() -> argparse.ArgumentParser:
     parser, g = _group("training")
-    g.add_argument("--output_dir", required=True)
-    g.add_argument("--per_device_train_batch_size", type=positive_int, default=16)
-    g.add_argument("--learning_rate", type=float, default=5e-5)
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--output_dir", required=True,
+                   help="Where the model, checkpoints and records go (the run resumes from here).")
+    g.add_argument("--per_device_train_batch_size", type=positive_int, default=16,
+                   help="Training examples per step and process; the global batch is this x processes x "
+                        "--gradient_accumulation_steps.")
+    g.add_argument("--learning_rate", type=float, default=5e-5, help="Peak learning rate (AdamW).")
+    g.add_argument("--weight_decay", type=float, default=0.0,
+                   help="AdamW weight decay (not on biases and LayerNorm weights).")
     g.add_argument("--num_train_epochs", type=float, default=2,
                    help="Number of epochs; a fraction stops part-way through the last one.")
     g.add_argument("--max_train_steps", type=positive_int, default=None,
                    help="Total optimizer steps; overrides --num_train_epochs.")
-    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
+                   help="Batches whose gradients are summed before each optimizer step.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
     g.add_argument("--lr_scheduler_type", default="linear",
-                   choices=["linear", "cosine", "constant", "constant_with_warmup"])
-    g.add_argument("--num_warmup_steps", type=non_negative_int, default=None)
+                   choices=["linear", "cosine", "constant", "constant_with_warmup"],
+                   help="Learning-rate schedule after the warmup.")
+    g.add_argument("--num_warmup_steps", type=non_negative_int, default=None,
+                   help="Optimizer steps of linear warmup (default: --warmup_ratio of the total).")
     g.add_argument("--warmup_ratio", type=float, default=0.1,
                    help="Warmup as a fraction of the total steps, used when --num_warmup_steps is not given.")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="Seeds initialisation, shuffling and dropout.")
     g.add_argument("--logging_steps", type=positive_int, default=10, help="Log to trackers every N optimizer steps.")
     g.add_argument("--checkpointing_steps", type=positive_int, default=None,
                    help="Save a resumable checkpoint every N optimizer steps (one is always saved at epoch end).")
@@ -189,7 +209,7 @@ def training_args() -> argparse.ArgumentParser:
     g.add_argument("--report_to", default="none", choices=["none", "wandb", "tensorboard", "all"],
                    help="Trackers. W&B runs offline when no API key is configured.")
     g.add_argument("--project_name", default="kd-qa", help="Tracker project name.")
-    g.add_argument("--run_name", default=None)
+    g.add_argument("--run_name", default=None, help="Tracker run name (default: the tracker's).")
     return parser
 
 
@@ -322,7 +342,8 @@ def prediction_distillation_args() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="Softmax temperature T > 0.")
     g.add_argument("--distillation_loss_weight", type=float, default=0.5,
                    help="w in [0, 1]: loss = w * KD + (1 - w) * CE(gold spans).")
-    g.add_argument("--distillation_loss", default="kl_div", choices=["kl_div", "mse", "ce"])
+    g.add_argument("--distillation_loss", default="kl_div", choices=["kl_div", "mse", "ce"],
+                   help="KD term between the student's and the teacher's start/end distributions at T.")
     g.add_argument("--teacher_cache_dir", default=None,
                    help="Where teacher logits are cached (default: $KD_CACHE/teacher_logits or "
                         "~/.cache/kd-qa/teacher_logits).")
@@ -410,7 +431,7 @@ def general_distillation_args() -> argparse.ArgumentParser:
                    help="A `datasets` corpus instead of files, e.g. wikimedia/wikipedia (with --dataset_config_name "
                         "20231101.en).")
     add_dataset_config_name(g)
-    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--dataset_split", default="train", help="Split of --dataset_name to read.")
     g.add_argument("--text_column", default="text", help="The text field of JSON Lines, parquet and datasets.")
     g.add_argument("--line_by_line", action="store_true",
                    help="Text files: one document per non-blank line (default: per block of lines between blank "

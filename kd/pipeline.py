@@ -35,8 +35,12 @@ SCRIPTS = {"teacher": "train_prediction.py", "student_init": "make_student.py", 
            "student_pruned": "train_prediction.py", "evaluate": "evaluate.py", "report": "report.py"}
 # resumable, launched through launch.py
 TRAINING = {"teacher", "general", "task_intermediate", "prediction", "student_nokd", "student_kd", "student_pruned"}
+# started through launch.py accelerate launch on every process of the layout (augment shards its paragraphs)
+LAUNCHED = TRAINING | {"augment"}
 RESERVED = {"output_dir", "output_file", "resume_from_checkpoint", "overwrite_output_dir"}  # set by the pipeline
-STAGE_KEYS = {"launch", "use"}
+# the batch all processes together take per optimizer step: per_device_train_batch_size is derived from it
+GLOBAL_BATCH = "global_train_batch_size"
+STAGE_KEYS = {"launch", "use", GLOBAL_BATCH}
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a stage stopped on a preemption signal; rerun (requeue) to continue
 _REF = re.compile(r"\$\{([^}]+)\}")
 # `accelerate launch` through the interpreter that runs the pipeline: its venv's launcher, whether or not the venv
@@ -53,6 +57,94 @@ class RecipeError(ValueError):
                          "the recipe cannot run as it is:\n  - " + "\n  - ".join(problems))
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How many processes a launched stage runs on: ``num_processes`` all machines together."""
+    num_processes: int
+    num_machines: int = 1
+    source: str = "the launch config"
+
+    def describe(self) -> str:
+        machines = f" on {self.num_machines} machines" if self.num_machines > 1 else ""
+        return f"{self.num_processes} process{'es' if self.num_processes > 1 else ''}{machines} ({self.source})"
+
+
+def visible_gpus() -> int:
+    """The GPUs this process sees (CUDA_VISIBLE_DEVICES honoured); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def read_launch_config(path: str) -> dict:
+    """An Accelerate config file as a mapping; RecipeError saying what is wrong with it."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError as err:
+        raise RecipeError(f"cannot read its launch config {path} ({err.strerror or err}); name an existing file of "
+                          "accelerate_configs/ with 'launch:'") from err
+    except yaml.YAMLError as err:
+        raise RecipeError(f"its launch config {path} is not valid YAML ({getattr(err, 'problem', err)})") from err
+    if not isinstance(config, dict):
+        raise RecipeError(f"its launch config {path} is not an Accelerate config (a mapping)")
+    return config
+
+
+def layout(config: dict, num_processes: int | None = None, num_machines: int | None = None,
+           gpus: int = 0) -> Layout:
+    """The processes a launched stage starts: ``num_processes`` / ``num_machines`` when given (pipeline.py's flags,
+    or the SLURM allocation's tasks); else a multi-GPU config runs on every GPU this machine sees (``gpus``) on each
+    machine; else the config's processes per machine, as written (one for CPU and single-GPU configs)."""
+    written = max(int(config.get("num_machines") or 1), 1)
+    machines = num_machines or written
+    if num_processes:
+        found = Layout(num_processes, machines, "--num_processes")
+    elif gpus and config.get("distributed_type") in ("MULTI_GPU", "DEEPSPEED", "FSDP") and not config.get("use_cpu"):
+        found = Layout(gpus * machines, machines, f"{gpus} GPUs visible" + (f" x {machines} machines"
+                                                                             if machines > 1 else ""))
+    else:
+        per_machine = max(int(config.get("num_processes") or 1) // written, 1)
+        found = Layout(per_machine * machines, machines, "the launch config" + (
+            f": {per_machine} per machine" if machines > 1 else ""))
+    if found.num_processes % found.num_machines:
+        raise RecipeError(f"{found.num_processes} processes do not split evenly over {found.num_machines} machines; "
+                          "pass --num_processes as a multiple of --num_machines")
+    return found
+
+
+def per_device_batch(stage: Stage, processes: Layout) -> int | None:
+    """The per-device batch that keeps the stage's global batch (None: the recipe gives the per-device batch)."""
+    if stage.global_batch is None:
+        return None
+    accumulation = int(stage.args.get("gradient_accumulation_steps") or 1)
+    share = processes.num_processes * accumulation
+    if stage.global_batch % share == 0:
+        return stage.global_batch // share
+    fits = [n for n in range(processes.num_processes, 0, -1) if stage.global_batch % (n * accumulation) == 0]
+    steps = [a for a in range(accumulation, 65) if stage.global_batch % (processes.num_processes * a) == 0]
+    raise RecipeError(
+        f"{GLOBAL_BATCH} {stage.global_batch} does not split evenly over {processes.describe()} x "
+        f"{accumulation} gradient accumulation step(s); pass --num_processes {fits[0]} "
+        f"({stage.global_batch // (fits[0] * accumulation)} per device)"
+        + (f", or set {stage.name}.gradient_accumulation_steps={steps[0]}" if steps else "")
+        + f", or a {GLOBAL_BATCH} divisible by {share}")
+
+
+def batch_plan(stage: Stage, processes: Layout) -> str:
+    """The dry run's line of a launched stage: its processes and, for a training stage, its global batch."""
+    if stage.name not in TRAINING:
+        return processes.describe()
+    accumulation = int(stage.args.get("gradient_accumulation_steps") or 1)
+    per_device = per_device_batch(stage, processes) or stage.args.get("per_device_train_batch_size") or "default"
+    total = per_device * processes.num_processes * accumulation if isinstance(per_device, int) else "?"
+    return (f"{processes.describe()}; global batch {total} = {per_device} per device x {processes.num_processes} "
+            f"processes x {accumulation} accumulation" + (f" ({GLOBAL_BATCH} {stage.global_batch})"
+                                                          if stage.global_batch else " (per device as the recipe says)"))
+
+
 @dataclass
 class Stage:
     name: str
@@ -60,6 +152,7 @@ class Stage:
     launch: str | None = None
     use: str | None = None  # teacher only: a fine-tuned model taken as it is, nothing runs
     refs: set = field(default_factory=set)  # the stages whose products the arguments name
+    global_batch: int | None = None  # GLOBAL_BATCH: the per-device batch follows from the layout
 
     @property
     def script(self) -> str:
@@ -157,6 +250,16 @@ def read_recipe(path: str, overrides: list[str] = ()) -> tuple[dict[str, Stage],
         if "use" in spec and name != "teacher":
             problems.append(f"stage {name}: 'use' (take a model as it is) applies to the teacher only")
         launch, use = spec.pop("launch", launch_default), spec.pop("use", None)
+        global_batch = spec.pop(GLOBAL_BATCH, None)
+        if global_batch is not None:
+            if name not in TRAINING or isinstance(global_batch, bool) or not isinstance(global_batch, int) \
+                    or global_batch <= 0:
+                problems.append(f"stage {name}: {GLOBAL_BATCH} is a positive whole number of a training stage "
+                                f"(the examples of one optimizer step over all processes), not {global_batch!r}")
+                global_batch = None
+            elif "per_device_train_batch_size" in spec:
+                problems.append(f"stage {name}: give {GLOBAL_BATCH} or per_device_train_batch_size, not both (the "
+                                "per-device batch is derived from the global one and the processes)")
         for key in ("launch", "use"):
             value = launch if key == "launch" else use
             if value is not None and not isinstance(value, str):
@@ -175,8 +278,8 @@ def read_recipe(path: str, overrides: list[str] = ()) -> tuple[dict[str, Stage],
                 problems.append(f"stage {name}: ${{{m}}} names no stage; a reference is ${{STAGE}} (the stage's "
                                 "output: its dir, the augmented file for augment) or ${pkg:NAME/sub/dir}")
             refs.add(m)  # a bad one too: the stage cannot be checked as if its inputs were there
-        stages[name] = Stage(name, spec, launch if name in TRAINING and isinstance(launch, str) else None,
-                             use if isinstance(use, str) else None, refs)
+        stages[name] = Stage(name, spec, launch if name in LAUNCHED and isinstance(launch, str) else None,
+                             use if isinstance(use, str) else None, refs, global_batch)
     for stage in stages.values():
         for ref in sorted(stage.refs):
             if ref not in STAGES:
@@ -202,10 +305,12 @@ def resolve(value, output_dir: str, stages: dict[str, Stage]) -> str:
     return _REF.sub(sub, str(value))
 
 
-def command(stage: Stage, output_dir: str, stages: dict[str, Stage], repo: str, launcher: str = "local") -> list[str]:
-    """The stage's exact command line (run from the repo root). launcher ``local``: a training stage runs through
-    ``launch.py accelerate launch`` on this machine; ``slurm``: through ``srun`` on every node of the allocation,
-    one ``accelerate launch`` per node (slurm/node_launch.sh)."""
+def command(stage: Stage, output_dir: str, stages: dict[str, Stage], repo: str, launcher: str = "local",
+            processes: Layout | None = None) -> list[str]:
+    """The stage's exact command line (run from the repo root). A launched stage (:data:`LAUNCHED`) starts
+    ``processes`` ranks (default: its launch config's, as written): launcher ``local`` through ``launch.py
+    accelerate launch`` on this machine; ``slurm`` through ``srun`` on every node of the allocation, one
+    ``accelerate launch`` per node (slurm/node_launch.sh)."""
     argv = []
     for key, value in stage.args.items():
         if value is False or value is None:
@@ -219,19 +324,30 @@ def command(stage: Stage, output_dir: str, stages: dict[str, Stage], repo: str, 
         argv += ["--output_file", product("augment", output_dir, stages)]
     else:
         argv += ["--output_dir", out]
+    if stage.name not in LAUNCHED:
+        return [sys.executable, os.path.join(repo, stage.script), *argv]
+    config = launch_config(stage, repo)
+    processes = processes or layout(read_launch_config(config))
+    per_device = per_device_batch(stage, processes)
+    if per_device is not None:
+        argv += ["--per_device_train_batch_size", str(per_device)]
     if stage.name in TRAINING:
         argv += ["--resume_from_checkpoint", "latest"]
-        config = launch_config(stage, repo)
-        if launcher == "slurm":
-            return ["srun", "--kill-on-bad-exit=1", "bash",  # tasks as allocated: one per node
-                    os.path.join(repo, "slurm", "node_launch.sh"), config, os.path.join(repo, stage.script), *argv]
-        launch = [*ACCELERATE_LAUNCH, "--config_file", config]
-        return [sys.executable, os.path.join(repo, "launch.py"), *launch, os.path.join(repo, stage.script), *argv]
-    return [sys.executable, os.path.join(repo, stage.script), *argv]
+    if launcher == "slurm":
+        per_node = processes.num_processes // processes.num_machines
+        return ["srun", "--kill-on-bad-exit=1", f"--ntasks={processes.num_machines}",  # one task per node
+                "env", f"KD_PROCS_PER_NODE={per_node}", "bash", os.path.join(repo, "slurm", "node_launch.sh"),
+                config, os.path.join(repo, stage.script), *argv]
+    if processes.num_machines > 1:
+        raise RecipeError(f"{processes.describe()}: several machines start through --launcher slurm (one accelerate "
+                          "launch per machine), or pass --num_machines 1")
+    launch = [*ACCELERATE_LAUNCH, "--config_file", config, "--num_processes", str(processes.num_processes),
+              "--num_machines", "1"]
+    return [sys.executable, os.path.join(repo, "launch.py"), *launch, os.path.join(repo, stage.script), *argv]
 
 
 def launch_config(stage: Stage, repo: str) -> str:
-    """The Accelerate config file a training stage runs with."""
+    """The Accelerate config file a launched stage runs with."""
     return os.path.join(repo, stage.launch or "accelerate_configs/cpu.yaml")
 
 

@@ -154,7 +154,7 @@ def test_recipe_errors_before_anything_runs(tiny_bert_qa_dir, tiny_glove, tmp_pa
     recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, prediction__no_such_flag=1, teacher__max_seq_length=600)
     proc = _run("--recipe", recipe, "--output_dir", tmp_path / "out", check=False)
     assert proc.returncode == 2 and "stage prediction: train_prediction.py has no --no_such_flag" in proc.stderr
-    assert "stage teacher: " in proc.stderr and "exceeds the 512 positions" in proc.stderr
+    assert "stage teacher (train_prediction.py): " in proc.stderr and "exceeds the 512 positions" in proc.stderr
     assert not (tmp_path / "out" / "teacher").exists()
 
     data = yaml.safe_load(open(recipe))
@@ -179,14 +179,32 @@ def test_every_problem_of_every_stage_is_listed_before_anything_runs(tiny_bert_q
     out = tmp_path / "out"
     proc = _run("--recipe", recipe, "--output_dir", out, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    for expected in ("stage prediction: argument --max_train_steps: invalid positive_int value: 'many'",
-                     "stage student_kd: argument --keep_checkpoints: invalid choice: 'sometimes'",
+    for expected in ("stage prediction (train_prediction.py): argument --max_train_steps: invalid positive_int value: 'many'",
+                     "stage student_kd (train_prediction.py): argument --keep_checkpoints: invalid choice: 'sometimes'",
                      "stage student_nokd: ${student_init.model} names no stage",
                      "stage evaluate: ${nosuch} names no stage",
                      "stage task_intermediate: cannot read its launch config",
                      "stage general: layer_map: a dict is no script argument"):
         assert expected in proc.stderr, proc.stderr
     assert sorted(os.listdir(out)) == ["pipeline.lock"]  # no stage ran, nothing recorded
+
+
+def test_every_missing_input_of_every_stage_is_listed_once(tiny_bert_qa_dir, tiny_glove, tmp_path):
+    """What the user brings (data, vectors), checked across all stages in one run: each missing file once, named
+    with its stage and script, not just the first one the first script's parser meets."""
+    recipe = _recipe(tmp_path, tiny_bert_qa_dir, tiny_glove, teacher__train_file="data/no-train-v2.0.json",
+                     augment__train_file="data/no-train-v2.0.json", augment__glove_path="data/no-glove.6B.300d.txt")
+    proc = _run("--recipe", recipe, "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for expected in ("stage teacher (train_prediction.py): --train_file data/no-train-v2.0.json does not exist",
+                     "stage augment (augment.py): --train_file data/no-train-v2.0.json does not exist",
+                     "stage augment (augment.py): --glove_path data/no-glove.6B.300d.txt does not exist"):
+        assert proc.stderr.count(expected) == 1, proc.stderr
+    assert proc.stderr.count("stage augment") == 2 and proc.stderr.count("stage teacher") == 1, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr  # pipeline.py's, not a script's inside it
+    dry = _run("--recipe", recipe, "--output_dir", tmp_path / "out", "--dry_run")
+    assert ("# not there yet, to bring before running: stage augment (augment.py): --train_file "
+            "data/no-train-v2.0.json, --glove_path data/no-glove.6B.300d.txt") in dry.stdout
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -394,3 +412,51 @@ def test_a_prediction_stage_distils_across_tokenizers(tiny_bert_qa_dir, tiny_rob
     results = read_json(out / "prediction" / "all_results.json")
     assert results["status"] == "finished" and results["teacher_tokenization"].startswith("differs")
     assert read_json(out / "pipeline.json")["stages"]["prediction"]["status"] == "finished"
+
+
+# --- what the terminal shows while stages run, and at the end ------------------------------------------------------
+def test_progress_shows_the_latest_bar_of_a_growing_log(tmp_path, monkeypatch):
+    import io
+
+    log = tmp_path / "stage.log"
+    log.write_bytes(b"")
+    shown = io.StringIO()
+    with open(log, "rb") as reader:
+        progress = pipeline.Progress("teacher", reader, shown)
+        with open(log, "ab") as writer:
+            writer.write(b"loading\n\r  0%|          | 0/200 [00:00<?, ?it/s]\r 10%|#         | 20/200 [00:02<00:18]")
+            writer.flush()
+            progress.poll()  # the first bar shows at once
+            writer.write(b"\r 20%|##        | 40/200 [00:04<00:16]\r 30%|###       | 60/200 [00:06<00:14]")
+            writer.flush()
+            progress.poll()  # not yet PROGRESS_EVERY_S later: nothing
+            monkeypatch.setattr(pipeline, "PROGRESS_EVERY_S", 0)
+            writer.write(b"\r100%|##########| 200/200 [00:20<00:00]\nsaved\n")
+            writer.flush()
+            progress.close()
+    assert shown.getvalue().splitlines() == ["[teacher] 10%|#         | 20/200 [00:02<00:18]",
+                                             "[teacher] 100%|##########| 200/200 [00:20<00:00]"]
+
+
+@pytest.mark.slow
+def test_a_pipeline_shows_its_stages_progress_and_names_the_student_and_how_to_try_it(tiny_bert_qa_dir, tmp_path):
+    squad = str(FIXTURES_DIR / "squad_v2_dev_slice.json")
+    train = dict(per_device_train_batch_size=8, learning_rate=1e-3, seed=3, keep_checkpoints="none", **WINDOW)
+    stages = {"teacher": dict(model_name_or_path=str(tiny_bert_qa_dir), train_file=squad, max_train_steps=3, **train),
+              "prediction": dict(model_name_or_path=str(tiny_bert_qa_dir), teacher_name_or_path="${teacher}",
+                                 train_file=squad, max_train_steps=3, **train)}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"launch": "accelerate_configs/cpu.yaml", "stages": stages}))
+    out = tmp_path / "run"
+    proc = _run("--recipe", recipe, "--output_dir", out)
+    lines = proc.stdout.splitlines()
+    assert f"[teacher] its whole output: {out / 'teacher' / 'stage.log'}" in lines
+    bars = [line for line in lines if line.startswith("[prediction] ") and "3/3 [" in line and "100%|" in line]
+    assert bars, proc.stdout  # the training loop's bar, forwarded from the stage's log
+    assert "100%|" in (out / "prediction" / "stage.log").read_text()  # the log keeps everything
+    student, try_it = lines[-2:]
+    assert student.startswith(f"student: {out / 'prediction'}"), proc.stdout
+    assert try_it.startswith("try: python predict.py --model_name_or_path "), try_it
+    answer = subprocess.run(try_it[len("try: "):], shell=True, cwd=REPO_ROOT, env=script_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert answer.returncode == 0 and '"answer"' in answer.stdout, answer.stderr[-2000:]
