@@ -8,6 +8,9 @@
 #      student_kd     prediction-layer distillation (T = 2, w = 0.5),
 #      student_ti_kd  general distillation on Wikipedia text, task-intermediate distillation on GloVe-augmented
 #                     SQuAD, then prediction-layer distillation (the TinyBERT recipe);
+#      student_ti_kd_pruned  the same after step 2, its vocabulary pruned to the 8000 tokens the gold data uses
+#                     most (make_student.py --prune_vocab_file), then step 3 from the full-vocabulary teacher:
+#                     its tokenizer differs, so the teacher's distributions reach it through character offsets;
 #   3. report.py: every model on the same 250-question dev slice: EM/F1, size, speed -> report.md, report.png.
 # Rerunning resumes (finished stages are skipped). Usage: bash examples/offline_demo.sh [OUT_DIR] (default runs/demo)
 set -euo pipefail

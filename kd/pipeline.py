@@ -352,10 +352,24 @@ def launch_config(stage: Stage, repo: str) -> str:
 
 
 def same_command(old: list[str], new: list[str]) -> bool:
-    """Whether a recorded command line is ``new``; one recorded before the launcher was called through this
-    interpreter (``accelerate launch`` from PATH) counts as the same."""
+    """Whether a recorded command line is ``new``. Records of earlier versions count as the same: one that called
+    ``accelerate launch`` from PATH, and one without ``--num_processes`` / ``--num_machines`` (it ran with its launch
+    config's) when ``new`` passes the config's own values."""
     i = next((i for i in range(len(old) - 1) if old[i:i + 2] == ["accelerate", "launch"]), None)
-    return (old if i is None else [*old[:i], *ACCELERATE_LAUNCH, *old[i + 2:]]) == new
+    old = old if i is None else [*old[:i], *ACCELERATE_LAUNCH, *old[i + 2:]]
+    n = len(ACCELERATE_LAUNCH)
+    at = next((i for i in range(len(new) - n) if tuple(new[i:i + n]) == ACCELERATE_LAUNCH), None)
+    if at is None or new[at + n:at + n + 1] != ["--config_file"] or "--num_processes" in old:
+        return old == new
+    layout = new[at + n + 2:at + n + 6]  # --num_processes N --num_machines M, as launch_command writes them
+    if layout[::2] != ["--num_processes", "--num_machines"]:
+        return old == new
+    try:
+        config = read_launch_config(new[at + n + 1])
+    except RecipeError:
+        return False
+    configured = [str(config.get("num_processes", 1)), str(config.get("num_machines", 1))]
+    return layout[1::2] == configured and old == [*new[:at + n + 2], *new[at + n + 6:]]
 
 
 def shell_line(cmd: list[str]) -> str:

@@ -384,6 +384,22 @@ def test_a_changed_or_missing_output_reruns_its_stage_and_every_one_after(tiny_b
     assert all(s["status"] == "finished" for s in read_json(out / "pipeline.json")["stages"].values())
 
 
+def test_a_command_recorded_before_the_process_flags_is_the_same_when_the_layout_is_the_config_s(tmp_path):
+    """Records written before the pipeline passed --num_processes/--num_machines ran with the launch config's
+    layout: the same command if the new layout is that one, another one otherwise."""
+    config = tmp_path / "c.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 8\nnum_machines: 1\n")
+    old = [sys.executable, "launch.py", *ACCELERATE_LAUNCH, "--config_file", str(config), "train.py", "--seed", "1"]
+
+    def new(processes, seed="1"):
+        return [sys.executable, "launch.py", *ACCELERATE_LAUNCH, "--config_file", str(config), "--num_processes",
+                str(processes), "--num_machines", "1", "train.py", "--seed", seed]
+    assert same_command(old, new(8))
+    assert not same_command(old, new(4))
+    assert not same_command(old, new(8, seed="2"))
+    assert same_command(new(4), new(4)) and not same_command(new(8), new(4))
+
+
 def test_a_command_recorded_with_accelerate_from_path_is_the_same_command():
     """Stages call accelerate through the pipeline's interpreter (its venv need not be on PATH); a run recorded
     when they called `accelerate launch` from PATH is not taken for one with other settings."""
