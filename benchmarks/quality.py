@@ -137,6 +137,13 @@ class Experiment:
     def out(self, name: str) -> str:
         return os.path.join(self.work, name)
 
+    def run_name(self, variant: str, seed: int) -> str:
+        """The run dir of ``variant`` at ``seed``; a pruned variant's names its vocabulary size, so that pruning to
+        another size in the same work_dir trains anew instead of reusing (and mixing) the other size's runs."""
+        if variant in PRUNED_VARIANTS:
+            variant = variant.replace("pruned", f"pruned{self.args.prune_vocab_size}", 1)
+        return f"{variant}_s{seed}"
+
     def run(self, name: str, script: str, argv: list[str], writes: str | None = None) -> str:
         """Run one training script into work_dir/name (or another script that ``writes`` a file) unless it
         finished before; returns the output dir."""
@@ -222,11 +229,12 @@ class Experiment:
                 runs[variant](seed)
             result = self.summarize(grid, best)  # after every seed: a stopped experiment has its table so far
         if a.prune_vocab_size:
-            pruned_init = self.student("pruned_init", teacher, "--prune_vocab_file", self.paths["train"],
-                                       "--vocab_size", str(a.prune_vocab_size))
+            pruned_init = self.student(f"pruned{a.prune_vocab_size}_init", teacher, "--prune_vocab_file",
+                                       self.paths["train"], "--vocab_size", str(a.prune_vocab_size))
             for seed in a.seeds:
-                self.prediction(f"pruned_nokd_s{seed}", pruned_init, self.paths["train"], seed)
-                self.prediction(f"pruned_kd_s{seed}", pruned_init, self.paths["train"], seed, teacher, best)
+                self.prediction(self.run_name("pruned_nokd", seed), pruned_init, self.paths["train"], seed)
+                self.prediction(self.run_name("pruned_kd", seed), pruned_init, self.paths["train"], seed, teacher,
+                                best)
                 result = self.summarize(grid, best)
         if not a.wiki_file:
             return result
@@ -269,7 +277,7 @@ class Experiment:
         teacher = json.load(open(os.path.join(self.out("teacher"), "all_results.json")))["eval_metrics"]
 
         def finished(variant, seed):
-            return os.path.isfile(os.path.join(self.out(f"{variant}_s{seed}"), "all_results.json"))
+            return os.path.isfile(os.path.join(self.out(self.run_name(variant, seed)), "all_results.json"))
 
         # the core table: seeds whose every core variant finished (a stopped experiment still reports what it has);
         # a --wiki_file variant joins with the seeds it has finished
@@ -277,10 +285,11 @@ class Experiment:
         if not core:
             raise SystemExit("no seed has finished every variant yet; rerun to continue")
         seeds_of = {v: core for v in self.core}
-        seeds_of.update({v: [s for s in core if finished(v, s)] for v in EXTRA_VARIANTS + PRUNED_VARIANTS})
+        seeds_of.update({v: [s for s in core if finished(v, s)]
+                         for v in EXTRA_VARIANTS + (PRUNED_VARIANTS if a.prune_vocab_size else ())})
         seeds_of = {v: ss for v, ss in seeds_of.items() if ss}
         # per question (exact, f1) of every run: the means and the paired bootstrap read the same numbers
-        scores = {(v, s): per_question_scores(dev, json.load(open(os.path.join(self.out(f"{v}_s{s}"),
+        scores = {(v, s): per_question_scores(dev, json.load(open(os.path.join(self.out(self.run_name(v, s)),
                                                                              "predictions.json"))))
                   for v, ss in seeds_of.items() for s in ss}
 

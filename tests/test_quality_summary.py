@@ -32,10 +32,11 @@ def fake_run(work, name, right: int):
     (out / "all_results.json").write_text(json.dumps({"eval_metrics": {"exact": 25.0 * right, "f1": 25.0 * right}}))
 
 
-def experiment(tmp_path, seeds=(1, 2), variants=quality.PRED_VARIANTS):
+def experiment(tmp_path, seeds=(1, 2), variants=quality.PRED_VARIANTS, prune_vocab_size=None):
     args = argparse.Namespace(work_dir=str(tmp_path / "work"), output=str(tmp_path / "quality.json"),
                               stop_after_minutes=None, max_seq_length=192, doc_stride=64, batch_size=16,
-                              seeds=list(seeds), bootstrap=500, wiki_file=None, variants=list(variants))
+                              seeds=list(seeds), bootstrap=500, wiki_file=None, variants=list(variants),
+                              prune_vocab_size=prune_vocab_size)
     exp = quality.Experiment(args)
     (tmp_path / "work" / "data").mkdir(parents=True)
     (tmp_path / "work" / "data" / "dev.json").write_text(json.dumps(DEV))
@@ -109,13 +110,14 @@ def test_slice_keeps_paragraphs_whole(tmp_path):
 
 
 def test_summary_reports_the_pruned_student_across_tokenizers(tmp_path):
-    exp = experiment(tmp_path, seeds=(1, 2))
+    exp = experiment(tmp_path, seeds=(1, 2), prune_vocab_size=8000)
     work = tmp_path / "work"
     for seed in (1, 2):
         for variant, r in {"nokd": 1, "kd": 3, "nokd_aug": 1, "kd_aug": 2, "ti_kd_aug": 3}.items():
             fake_run(work, f"{variant}_s{seed}", r)
-        fake_run(work, f"pruned_nokd_s{seed}", 1)
-        fake_run(work, f"pruned_kd_s{seed}", 2 + (seed == 2))
+        fake_run(work, f"pruned8000_nokd_s{seed}", 1)
+        fake_run(work, f"pruned8000_kd_s{seed}", 2 + (seed == 2))
+        fake_run(work, f"pruned16000_kd_s{seed}", 4)  # another size's runs in the same work_dir: not mixed in
     result = exp.summarize({"T=2,w=0.9": 30.0}, (2.0, 0.9))
     rows, steps = result["variants"], result["steps"]
     assert list(rows)[-2:] == ["pruned_nokd", "pruned_kd"] and rows["pruned_kd"]["f1"] == [50.0, 75.0]
@@ -126,12 +128,12 @@ def test_summary_reports_the_pruned_student_across_tokenizers(tmp_path):
 
 def test_some_variants_only_the_pruned_comparison(tmp_path):
     """--variants nokd kd: a seed counts once those two (not the augmented ones) finished; the pruned rows join."""
-    exp = experiment(tmp_path, seeds=(1, 2), variants=("kd", "nokd"))
+    exp = experiment(tmp_path, seeds=(1, 2), variants=("kd", "nokd"), prune_vocab_size=8000)
     work = tmp_path / "work"
     for seed in (1, 2):
         fake_run(work, f"nokd_s{seed}", 1)
-        fake_run(work, f"pruned_nokd_s{seed}", 1)
-        fake_run(work, f"pruned_kd_s{seed}", 2)
+        fake_run(work, f"pruned8000_nokd_s{seed}", 1)
+        fake_run(work, f"pruned8000_kd_s{seed}", 2)
     fake_run(work, "kd_s1", 3)  # seed 2's kd unfinished: seed 2 does not count
     result = exp.summarize({"T=2,w=0.9": 30.0}, (2.0, 0.9))
     assert result["seeds_finished"] == [1]
