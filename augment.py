@@ -19,11 +19,19 @@ Launch:
 The output is nested SQuAD JSON (readable by kd.squad.load_squad, train_task_intermediate.py and
 train_prediction.py). For a given seed, --block_size and --per_device_batch_size it is the same byte for
 byte, whatever the number of processes (on CPU; GPU kernels may differ in the last bits).
+
+Resume: each block of --block_size paragraphs is published whole in OUTPUT_FILE.parts/ once done (a temp file
+renamed into place), beside settings.json (the input's content hash and every argument that changes the output).
+A killed run rerun with the same command, on any number of processes, reuses the blocks it finished (the log
+says how many) and writes the same bytes. Parts left with other settings (another --seed, an edited input, ...)
+are this output file's own temp files: they are discarded with a warning saying what changed, never mixed in.
+The output file appears, by rename, only once complete; the parts dir is then removed.
 """
 
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -37,8 +45,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM
 
 from kd import args as kd_args
-from kd.augment import (blocks_of_process, merge_shards, paragraph_copies, paragraph_segments, segment_candidates,
-                        shard_line, validate_squad_for_augmentation)
+from kd.augment import (block_counts, block_path, blocks_of_process, finished_blocks, merge_blocks, open_parts_dir,
+                        paragraph_copies, paragraph_segments, parts_settings, segment_candidates, shard_line,
+                        validate_squad_for_augmentation, write_block)
+from kd.files import file_digest
 from kd.glove import GloVe, GloVeFormatError, glove_neighbours, glove_rows_of_process, load_glove
 from kd.masked_lm import MaskedLMCandidates, mlm_candidates, tokenizer_word_marker
 from kd.models import load_tokenizer
@@ -207,7 +217,7 @@ def shared_glove_table(accelerator, glove, local_rows, k) -> dict[int, list[str]
 
 
 def augment_block(block, paragraphs, tokenizer, glove, predictor, glove_table, args) -> tuple[list[str], dict]:
-    """Shard-file lines (original if asked, then the copies) for one block of paragraphs, and counts."""
+    """Block-file lines (original if asked, then the copies) for one block of paragraphs, and counts."""
     block_paragraphs = [paragraphs[i][1] for i in block]
     segments, first = paragraph_segments(block_paragraphs, tokenizer, glove, args.augment_questions)
     mlm = (mlm_candidates(predictor, segments, args.word_possibilities, args.per_device_batch_size,
@@ -232,14 +242,16 @@ def augment_block(block, paragraphs, tokenizer, glove, predictor, glove_table, a
     return lines, counts
 
 
-def summarize(all_counts: list[dict], seconds: float, args) -> dict:
-    """Counts of all processes added up, plus time, throughput and the share of word slots replaced."""
+def summarize(block_counts: list[dict], reused: set[int], seconds: float, args) -> dict:
+    """Counts of all blocks added up, plus the blocks reused from an earlier run, time, this run's throughput and
+    the share of word slots replaced."""
     summary = {}
-    for counts in all_counts:
+    for counts in block_counts:
         summary.update({k: summary.get(k, 0) + v for k, v in counts.items()})
     slots = summary.get("replaceable_words", 0) * args.multiplication_factor
-    summary.update(output_file=args.output_file, seconds=round(seconds, 2),
-                   paragraphs_per_s=round(summary.get("paragraphs", 0) / seconds, 3),
+    fresh = sum(c["paragraphs"] for i, c in enumerate(block_counts) if i not in reused)
+    summary.update(output_file=args.output_file, reused_blocks=len(reused), seconds=round(seconds, 2),
+                   paragraphs_per_s=round(fresh / seconds, 3),
                    replaced_share=round(summary.get("replaced_words", 0) / max(1, slots), 4))
     return summary
 
@@ -265,37 +277,49 @@ def main(argv=None):
                 accelerator.num_processes)
 
     # ---------------------------------------------------------------- GloVe neighbours, once per distinct word
+    # Also for blocks a killed run finished: the table, hence every block, is then the uninterrupted run's.
     local_rows = glove_rows_needed(paragraphs, blocks, tokenizer, glove, args.augment_questions)
     glove_table = shared_glove_table(accelerator, glove, local_rows, args.word_possibilities)
 
-    # ---------------------------------------------------------------- each process writes its shard
+    # ---------------------------------------------------------------- each process writes its blocks' files
+    # A block's file appears whole (renamed into place) once it is done; a rerun with the same settings keeps the
+    # files a killed run finished, whatever the number of processes of either run.
     parts_dir = f"{args.output_file}.parts"
+    num_blocks = math.ceil(len(paragraphs) / args.block_size)
+    reused = set()
     if accelerator.is_main_process:
         Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(parts_dir, ignore_errors=True)  # left over from a run that was killed
-        os.makedirs(parts_dir)
+        discarded = open_parts_dir(parts_dir, parts_settings(vars(args), file_digest(args.train_file)))
+        if discarded:
+            logger.warning("%s holds the parts of an earlier run of this output file that cannot be resumed (%s): "
+                           "discarding them and starting over.", parts_dir, discarded)
+        reused = finished_blocks(parts_dir)  # before the barrier: no block of this run exists yet
+        if reused:
+            logger.info("Resuming: reusing %d of %d blocks finished by an earlier run (%s).", len(reused),
+                        num_blocks, parts_dir)
     accelerator.wait_for_everyone()
-    shard = os.path.join(parts_dir, f"shard-{accelerator.process_index:05d}.jsonl")
-    totals, summary = {}, None
-    progress = tqdm(total=sum(len(b) for b in blocks), unit="paragraph", desc="augment (main process)",
-                    disable=not accelerator.is_local_main_process)
-    with open(shard, "w", encoding="utf-8") as f:
-        for block in blocks:
-            lines, counts = augment_block(block, paragraphs, tokenizer, glove, predictor, glove_table, args)
-            f.writelines(lines)
-            totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
-            progress.update(len(block))
+    # Only this process writes its blocks, so those of them listed now are the ones an earlier run finished.
+    finished = finished_blocks(parts_dir)
+    todo = [b for b in blocks if b.start // args.block_size not in finished]
+    mine = sum(len(b) for b in blocks)
+    progress = tqdm(total=mine, initial=mine - sum(len(b) for b in todo), unit="paragraph",
+                    desc="augment (main process)", disable=not accelerator.is_local_main_process)
+    for block in todo:
+        lines, counts = augment_block(block, paragraphs, tokenizer, glove, predictor, glove_table, args)
+        write_block(block_path(parts_dir, block.start // args.block_size), lines, counts)
+        progress.update(len(block))
     progress.close()
 
     # ---------------------------------------------------------------- main merges in paragraph order
     accelerator.wait_for_everyone()
-    all_counts = gather_object([totals])
+    summary = None
     if accelerator.is_main_process:
-        shards = [os.path.join(parts_dir, f"shard-{r:05d}.jsonl") for r in range(accelerator.num_processes)]
-        merge_shards(shards, args.output_file, data.get("version", ""),
+        paths = [block_path(parts_dir, b) for b in range(num_blocks)]
+        counts = [block_counts(path) for path in paths]
+        merge_blocks(paths, args.output_file, data.get("version", ""),
                      [article.get("title", "") for article in data["data"]])
         shutil.rmtree(parts_dir)
-        summary = summarize(all_counts, time.perf_counter() - start, args)
+        summary = summarize(counts, reused, time.perf_counter() - start, args)
         print(json.dumps(summary))
     accelerator.wait_for_everyone()
     accelerator.end_training()

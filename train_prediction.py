@@ -53,7 +53,7 @@ from kd.records import run_record, write_outcome, write_record
 from kd.run_dir import input_paths
 from kd.runtime import init_trackers, setup_accelerator, start_run
 from kd.squad import SquadFormatError, has_answerable
-from kd.teacher_cache import teacher_logits
+from kd.teacher_cache import CacheSpaceError, teacher_logits
 
 logger = logging.getLogger("train_prediction")
 
@@ -254,4 +254,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_worker(main, bad_input=(SquadFormatError,)))
+    sys.exit(run_worker(main, bad_input=(SquadFormatError, CacheSpaceError)))

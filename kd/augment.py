@@ -1,4 +1,4 @@
-"""TinyBERT-style word replacement for SQuAD data, answers kept: the words, texts, copies and shards of ``augment.py``.
+"""TinyBERT-style word replacement for SQuAD data, answers kept: the words, texts, copies and blocks of ``augment.py``.
 
 Every word of a context (and of a question, when asked) is a *replaceable word* unless it overlaps an answer
 span of any question of the paragraph (``answers`` and ``plausible_answers``). Its candidates are computed
@@ -17,7 +17,7 @@ Words are maximal runs of letters and digits, joined by inner hyphens or apostro
 the original string at the word's character span, so everything else keeps its casing and spacing.
 
 This module holds what both candidate sources share (what a word is, how candidates are picked from a
-ranking), the input checks, the analysis of texts into :class:`Segment`, the copies, and the shard files;
+ranking), the input checks, the analysis of texts into :class:`Segment`, the copies, and the block files;
 :mod:`kd.masked_lm` and :mod:`kd.glove` build on it.
 """
 
@@ -28,11 +28,13 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kd.files import write_json_atomic, write_text_atomic
 from kd.squad import SquadFormatError, flatten_squad, validate_records
 
 if TYPE_CHECKING:  # only an annotation here: kd.glove imports this module
@@ -352,15 +354,23 @@ def paragraph_copies(paragraph: dict, paragraph_index: int, candidates: Sequence
 
 
 # --------------------------------------------------------------------------------------------
-# Sharding and the merged output
+# Sharding, block files (what a killed run leaves to resume from) and the merged output
 # --------------------------------------------------------------------------------------------
+
+PARTS_SETTINGS = "settings.json"
+BLOCK_FILE_RE = re.compile(r"block-(\d{8})\.jsonl")
+# augment.py's arguments that decide what a block file holds (the number of processes does not).
+OUTPUT_ARGS = ("multiplication_factor", "replace_probability", "word_possibilities", "mlm_name_or_path", "glove_path",
+               "glove_vocab_size", "seed", "include_original", "augment_questions", "block_size",
+               "per_device_batch_size", "max_seq_length", "mask_groups")
 
 
 def blocks_of_process(num_paragraphs: int, block_size: int, num_processes: int, process_index: int) -> list[range]:
     """The contiguous run of paragraph blocks a process handles.
 
     Blocks are fixed by ``block_size`` alone and each block is batched on its own, so the masked-LM
-    batches, hence the output, do not depend on the number of processes.
+    batches, hence the output, do not depend on the number of processes. Block ``b`` is paragraphs
+    ``b * block_size`` onwards, whichever process takes it.
     """
     blocks = [range(s, min(s + block_size, num_paragraphs)) for s in range(0, num_paragraphs, block_size)]
     lo = process_index * len(blocks) // num_processes
@@ -368,27 +378,98 @@ def blocks_of_process(num_paragraphs: int, block_size: int, num_processes: int, 
     return blocks[lo:hi]
 
 
+def parts_settings(args: dict, train_file_digest: str) -> dict:
+    """What decides the contents of the block files: the input's content hash and :data:`OUTPUT_ARGS` (local
+    paths made absolute, so that a rerun from another directory still matches)."""
+    settings = {"format": 1, "train_file_blake2b": train_file_digest}
+    for name in OUTPUT_ARGS:
+        value = args[name]
+        if name in ("glove_path", "mlm_name_or_path") and value is not None and os.path.exists(value):
+            value = os.path.abspath(value)
+        settings[name] = value
+    return settings
+
+
+def settings_change(old: dict | None, new: dict) -> str | None:
+    """None when the ``old`` settings of a parts dir (None: it has none) are ``new``, else what differs."""
+    if old is None:
+        return "it records no settings"
+    changed = ["the content of --train_file" if k == "train_file_blake2b" else
+               "the block format" if k == "format" else f"--{k} {old.get(k)!r} -> {v!r}"
+               for k, v in new.items() if old.get(k, ...) != v]
+    return f"other settings: {', '.join(changed)}" if changed else None
+
+
+def open_parts_dir(parts_dir: str, settings: dict) -> str | None:
+    """Make ``parts_dir`` ready for a run with ``settings``. The block files of an earlier run with the same
+    settings are kept (a resume; temp files of a block being written when it was killed are removed); anything
+    else there is discarded and the settings are written first. Returns why earlier parts were discarded
+    (None when nothing was)."""
+    path = os.path.join(parts_dir, PARTS_SETTINGS)
+    reason = None
+    if os.path.isdir(parts_dir):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        reason = settings_change(old if isinstance(old, dict) else None, settings)
+        if reason is None:
+            for name in os.listdir(parts_dir):
+                if ".tmp-" in name:
+                    os.remove(os.path.join(parts_dir, name))
+            return None
+        shutil.rmtree(parts_dir)
+    os.makedirs(parts_dir)
+    write_json_atomic(path, settings)
+    return reason
+
+
+def block_path(parts_dir: str, index: int) -> str:
+    """The file of block ``index`` (global, see :func:`blocks_of_process`)."""
+    return os.path.join(parts_dir, f"block-{index:08d}.jsonl")
+
+
+def finished_blocks(parts_dir: str) -> set[int]:
+    """Indices of the blocks whose file is in ``parts_dir``. Only :func:`write_block` makes such a name, by renaming
+    a whole file: the temp file of a block cut off mid-write never counts."""
+    return {int(m.group(1)) for m in map(BLOCK_FILE_RE.fullmatch, os.listdir(parts_dir)) if m}
+
+
+def write_block(path: str, lines: Sequence[str], counts: dict) -> None:
+    """A block file: its counts (one JSON line, for the final summary), then its :func:`shard_line` lines. Written
+    to a temp file beside ``path``, fsynced, then renamed: a block file that exists is whole."""
+    write_text_atomic(path, json.dumps(counts) + "\n" + "".join(lines))
+
+
+def block_counts(path: str) -> dict:
+    """The counts a block file holds on its first line."""
+    with open(path, encoding="utf-8") as f:
+        return json.loads(f.readline())
+
+
 def shard_line(article_index: int, paragraph: dict) -> str:
-    """One output paragraph as a line of a shard file: ``article index <TAB> paragraph JSON``."""
+    """One output paragraph as a line of a block file: ``article index <TAB> paragraph JSON``."""
     return f"{article_index}\t{json.dumps(paragraph, ensure_ascii=False)}\n"
 
 
-def _read_shard_lines(paths: Sequence[str]) -> Iterator[tuple[int, str]]:
+def _read_block_lines(paths: Sequence[str]) -> Iterator[tuple[int, str]]:
     for path in paths:
         with open(path, encoding="utf-8") as f:
+            f.readline()  # the block's counts
             for line in f:
                 article, paragraph = line.rstrip("\n").split("\t", 1)
                 yield int(article), paragraph
 
 
-def merge_shards(shard_paths: Sequence[str], output_file: str, version, titles: Sequence[str]) -> None:
-    """Write nested SQuAD JSON from shard files (in paragraph order), whole or not at all.
+def merge_blocks(block_paths: Sequence[str], output_file: str, version, titles: Sequence[str]) -> None:
+    """Write nested SQuAD JSON from block files (in paragraph order), whole or not at all.
 
     Streams: paragraphs are copied as text, never all held in memory. Written to a temp file beside
     ``output_file``, fsynced, then renamed over it.
     """
     tmp = f"{output_file}.tmp-{os.getpid()}"
-    lines = _read_shard_lines(shard_paths)
+    lines = _read_block_lines(block_paths)
     current = next(lines, None)
     try:
         with open(tmp, "w", encoding="utf-8") as out:
@@ -404,7 +485,7 @@ def merge_shards(shard_paths: Sequence[str], output_file: str, version, titles: 
                 out.write("]}")
             out.write("]}\n")
             if current is not None:
-                raise RuntimeError(f"bug: shard line for article {current[0]} out of order.")
+                raise RuntimeError(f"bug: block line for article {current[0]} out of order.")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, output_file)

@@ -4,6 +4,7 @@
 - :func:`publish_dir`: a finished temp dir renamed into place as a cache entry.
 - :func:`space_error`: a write that failed because the disk is full, said as such (torch and numpy report it as
   "unexpected pos ..." or "N requested and M written").
+- :func:`free_bytes`, :func:`format_bytes`: room on the file system of a path (made or not yet), said for people.
 - :func:`file_digest`: a file's hash, read in chunks (checkpoints, cache entries, pipeline outputs).
 - :func:`cache_dir`: the one rule for cache locations: ``$KD_CACHE/<kind>`` when ``KD_CACHE`` is set, else
   ``~/.cache/kd-qa/<kind>`` (kinds: ``teacher_logits``, ``corpus``, ``features``).
@@ -68,6 +69,22 @@ def cache_dir(kind: str) -> str:
     return os.path.join(root, kind)
 
 
+def free_bytes(path: str) -> int:
+    """Bytes free on the file system that holds ``path``, or will: its nearest existing parent's when it is missing."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people, in decimal units as disks are sold and ``df -H`` counts: 950 B, 1.2 GB, 3.4 TB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
 FULL_DISK_BYTES = 2**20  # what is left free after a write failed for want of space
 
 
@@ -78,10 +95,7 @@ def space_error(err: BaseException, path: str, what: str) -> BaseException:
     while cause is not None and not full:
         full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
         cause = cause.__cause__ or cause.__context__
-    existing = path
-    while existing and not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    free = shutil.disk_usage(existing or ".").free
+    free = free_bytes(path)
     if not (full or free < FULL_DISK_BYTES):
         return err
     return OSError(errno.ENOSPC, f"No space left on device writing {what} to {path} ({free} bytes free on that "

@@ -10,9 +10,13 @@ verified on every read: an entry damaged since (rows rewritten, truncated, a bro
 replaced, and the log names it. Arrays are loaded memory-mapped: the student's process holds neither the teacher
 nor a copy of all logits.
 
-A cache that cannot be written (a read-only dir, a full disk) costs the caching, never the pass: its logits are
-then kept in memory for this run. With several processes every one verifies the entry and they agree before
-the (collective) pass; each node's local main process writes, the others read what it wrote.
+Before the pass the entry's size is logged and checked against the room on the cache dir's file system: a disk
+without room for it is refused up front, on every process, saying what is needed and what is free (at scale the
+in-memory fallback would hold that much again in every process, and the run's checkpoints would fill the disk
+next). A cache dir that cannot be written (read-only), or a write that fails all the same, costs the caching,
+never the pass: its logits are then kept in memory for this run. With several processes every one verifies the
+entry and they agree before the (collective) pass; each node's local main process writes, the others read what it
+wrote.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from kd.files import cache_dir as kd_cache_dir
-from kd.files import file_digest, publish_dir, writing
+from kd.files import file_digest, format_bytes, free_bytes, publish_dir, writing
 from kd.files import unwritable as _unwritable
 
 logger = logging.getLogger(__name__)
@@ -89,10 +93,22 @@ def cache_key(model_fingerprint: str, inputs_fingerprint: str, dtype: torch.dtyp
 
 
 ARRAY_FILES = ("start_logits.npy", "end_logits.npy")
+STORED_DTYPE = np.float32  # whatever --teacher_dtype the pass ran in
+NPY_HEADER_BYTES = 128  # np.save's header of a 2-D array (format 1.0, padded to a multiple of 64)
+META_BYTES = 1024  # meta.json, with room for long paths
 
 
 class DamagedEntryError(ValueError):
     pass
+
+
+class CacheSpaceError(OSError):
+    """The cache dir's file system lacks room for the entry: said before the pass, with the fixes."""
+
+
+def entry_bytes(num_features: int, seq_len: int) -> int:
+    """Bytes on disk of an entry of [N, L] start and end logits (:data:`STORED_DTYPE`), meta.json included."""
+    return 2 * (NPY_HEADER_BYTES + num_features * seq_len * np.dtype(STORED_DTYPE).itemsize) + META_BYTES
 
 
 def _load(entry: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +167,15 @@ def _all(accelerator, flag: bool) -> bool:
     return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).min().item())
 
 
+def _first_problem(accelerator, problem: str | None) -> str | None:
+    """The first ``problem`` any process has (None: none has one), the same on every process."""
+    if accelerator.num_processes == 1:
+        return problem
+    from accelerate.utils import gather_object
+
+    return next((p for p in gather_object([problem]) if p), None)
+
+
 def teacher_logits(
     accelerator,
     teacher_name_or_path: str,
@@ -167,7 +192,11 @@ def teacher_logits(
     predict_logits: ``(accelerator, model, dataloader) -> (start, end)``, gathered over processes in order
     (kd.qa_eval.predict_logits by default).
     Returns (start, end, info) where info says whether the cache was hit (else whether the new entry was
-    written: False when the cache could not take it and the logits are held in memory) and where it lives.
+    written: False when the cache could not take it and the logits are held in memory), where it lives and its size.
+
+    Raises:
+        CacheSpaceError: on a miss, before the teacher is loaded, when the cache dir's file system (that of any
+            node's writer) has less room than the entry needs; every process raises it.
     """
     from kd.data import TensorDictDataset, batch_is_ready
     from kd.models import UntrainedQAHeadError, load_qa_model, untrained_qa_head_message
@@ -179,10 +208,10 @@ def teacher_logits(
     model_dir = resolve_model_dir(teacher_name_or_path)
     key = cache_key(fingerprint_model_dir(model_dir), fingerprint_inputs(input_columns), dtype)
     entry = os.path.join(cache_dir, key)
-    info = {"teacher_cache_dir": entry, "teacher_dtype": str(dtype).replace("torch.", "")}
-
     num_features = len(next(iter(input_columns.values())))
     shape = (num_features, next(iter(input_columns.values())).shape[1])
+    info = {"teacher_cache_dir": entry, "teacher_dtype": str(dtype).replace("torch.", ""),
+            "teacher_cache_bytes": entry_bytes(*shape)}
     found, damage = None, None
     if os.path.isfile(os.path.join(entry, "meta.json")):
         try:
@@ -202,6 +231,20 @@ def teacher_logits(
         logger.warning("Teacher logits: cannot write to the cache dir %s (%s); the teacher runs and its logits "
                        "are kept in memory for this run only (pass a writable --teacher_cache_dir to cache them).",
                        cache_dir, cannot_write)
+    need = info["teacher_cache_bytes"]
+    free = free_bytes(cache_dir) if writer and not cannot_write else None
+    size = (f"{format_bytes(need)} for {num_features:,} windows at {shape[1]} tokens "
+            f"({np.dtype(STORED_DTYPE).name} start and end logits)")
+    logger.info("Teacher logits cache: %s in %s%s.", size, entry,
+                f" ({format_bytes(free)} free there)" if free is not None else "")
+    short = None
+    if free is not None and free < need:
+        short = (f"the teacher logits cache needs {size} in {cache_dir}, but its file system has only "
+                 f"{format_bytes(free)} free. Pass --teacher_cache_dir on a disk with room, point KD_CACHE at one, or "
+                 "free some space.")
+    short = _first_problem(accelerator, short)  # every process stops, before the (collective) pass
+    if short:
+        raise CacheSpaceError(short)
 
     logger.info("Teacher logits: cache miss; running %s once over %d features in %s.",
                 teacher_name_or_path, num_features, info["teacher_dtype"])
@@ -224,7 +267,7 @@ def teacher_logits(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    start, end = start.astype(np.float32), end.astype(np.float32)  # what a cache hit gives
+    start, end = start.astype(STORED_DTYPE), end.astype(STORED_DTYPE)  # what a cache hit gives
     written = not writer
     if writer and not cannot_write:
         try:

@@ -567,3 +567,122 @@ def test_glove_only_replaces_words_with_glove_neighbours(glove_files, squad_fixt
     with pytest.raises(SystemExit):
         augment.parse_args(["--train_file", str(squad_fixture_path), "--output_file", str(out), "--glove_only",
                             "--mlm_name_or_path", "m", "--glove_path", str(glove_files["txt"])])
+
+
+# --------------------------------------------------------------------------------------------
+# Resume: a killed run continues from the blocks it finished
+# --------------------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands in for the kill: nothing in augment.py catches it, so the run stops where it is."""
+
+
+def _blocks_run(fixture, glove, out, *extra):
+    """--glove_only, 11 fixture paragraphs in 6 blocks of 2."""
+    return augment.main(["--train_file", str(fixture), "--output_file", str(out), "--glove_only",
+                         "--glove_path", str(glove), "--word_possibilities", "5", "--multiplication_factor", "2",
+                         "--block_size", "2", *map(str, extra)])
+
+
+def _blocks_augmented(monkeypatch, stop_after=None):
+    """The first paragraph of every block augment.py augments from now on (a list that fills as it runs); with
+    ``stop_after`` the run is killed before the block after that many."""
+    starts, real = [], augment.augment_block
+
+    def augment_block(block, *args, **kwargs):
+        if len(starts) == stop_after:
+            raise Killed
+        starts.append(block.start)
+        return real(block, *args, **kwargs)
+
+    monkeypatch.setattr(augment, "augment_block", augment_block)
+    return starts
+
+
+def _killed_run(monkeypatch, fixture, glove, out, blocks, *extra):
+    with monkeypatch.context() as m:
+        _blocks_augmented(m, stop_after=blocks)
+        with pytest.raises(Killed):
+            _blocks_run(fixture, glove, out, *extra)
+    assert not os.path.exists(out)
+
+
+def _without_timing(summary):
+    return {k: v for k, v in summary.items() if k not in ("seconds", "paragraphs_per_s", "output_file",
+                                                          "reused_blocks")}
+
+
+def test_a_killed_run_resumes_from_its_finished_blocks(glove_files, squad_fixture_path, tmp_path, monkeypatch,
+                                                       caplog):
+    whole = tmp_path / "whole.json"
+    expected = _blocks_run(squad_fixture_path, glove_files["txt"], whole)
+    out = tmp_path / "aug.json"
+    _killed_run(monkeypatch, squad_fixture_path, glove_files["txt"], out, 3)
+    assert sorted(os.listdir(f"{out}.parts")) == [f"block-0000000{b}.jsonl" for b in range(3)] + ["settings.json"]
+    augmented = _blocks_augmented(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="augment"):
+        summary = _blocks_run(squad_fixture_path, glove_files["txt"], out)
+    assert augmented == [6, 8, 10]  # blocks 3, 4, 5 only
+    assert "reusing 3 of 6 blocks" in caplog.text
+    assert out.read_bytes() == whole.read_bytes()
+    assert summary["reused_blocks"] == 3 and _without_timing(summary) == _without_timing(expected)  # counts of all
+    assert sorted(os.listdir(tmp_path)) == ["aug.json", "whole.json"]
+
+
+def test_a_block_cut_off_mid_write_is_done_again(glove_files, squad_fixture_path, tmp_path, monkeypatch):
+    whole = tmp_path / "whole.json"
+    _blocks_run(squad_fixture_path, glove_files["txt"], whole)
+    out = tmp_path / "aug.json"
+    _killed_run(monkeypatch, squad_fixture_path, glove_files["txt"], out, 3)
+    # as if killed while writing block 2: half of its lines in the temp file, no block file
+    parts = tmp_path / "aug.json.parts"
+    text = (parts / "block-00000002.jsonl").read_bytes()
+    (parts / "block-00000002.jsonl.tmp-12345").write_bytes(text[:len(text) // 2])
+    (parts / "block-00000002.jsonl").unlink()
+    augmented = _blocks_augmented(monkeypatch)
+    _blocks_run(squad_fixture_path, glove_files["txt"], out)
+    assert augmented == [4, 6, 8, 10]
+    assert out.read_bytes() == whole.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["aug.json", "whole.json"]
+
+
+@pytest.mark.parametrize("change", ["seed", "input"])
+def test_parts_left_with_other_settings_are_discarded_not_mixed(change, glove_files, squad_fixture_path, tmp_path,
+                                                               monkeypatch, caplog):
+    train = tmp_path / "train.json"
+    train.write_bytes(squad_fixture_path.read_bytes())
+    out = tmp_path / "aug.json"
+    _killed_run(monkeypatch, train, glove_files["txt"], out, 3, "--seed", 1)
+    if change == "seed":
+        extra, reason = ["--seed", 2], "--seed 1 -> 2"
+    else:  # the same path, edited: a question of the first paragraph (questions are copied as they are)
+        data = json.loads(train.read_text(encoding="utf-8"))
+        data["data"][0]["paragraphs"][0]["qas"][0]["question"] += " Really?"
+        train.write_text(json.dumps(data), encoding="utf-8")
+        extra, reason = ["--seed", 1], "the content of --train_file"
+    fresh = tmp_path / "fresh.json"
+    _blocks_run(train, glove_files["txt"], fresh, *extra)
+    augmented = _blocks_augmented(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="augment"):
+        _blocks_run(train, glove_files["txt"], out, *extra)
+    assert augmented == [0, 2, 4, 6, 8, 10]
+    assert out.read_bytes() == fresh.read_bytes()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{out}.parts" in warning and "cannot be resumed" in warning and reason in warning
+    assert "discarding" in warning
+
+
+def test_a_run_killed_on_one_process_resumes_on_two(glove_files, squad_fixture_path, tmp_path, monkeypatch):
+    """Blocks are global: process 0 of 2 finds all its blocks done, process 1 half of its own."""
+    whole = tmp_path / "whole.json"
+    _blocks_run(squad_fixture_path, glove_files["txt"], whole)
+    out = tmp_path / "aug.json"
+    _killed_run(monkeypatch, squad_fixture_path, glove_files["txt"], out, 4)
+    proc = launch("augment.py", ["--train_file", squad_fixture_path, "--output_file", out, "--glove_only",
+                                 "--glove_path", glove_files["txt"], "--word_possibilities", 5,
+                                 "--multiplication_factor", 2, "--block_size", 2], processes=2)
+    assert "reusing 4 of 6 blocks" in proc.stderr
+    assert out.read_bytes() == whole.read_bytes()
+    assert '"reused_blocks": 4' in proc.stdout and '"paragraphs": 11' in proc.stdout
+    assert sorted(os.listdir(tmp_path)) == ["aug.json", "whole.json"]

@@ -1,6 +1,8 @@
 """The teacher-logit cache: computed once, reused without running (or even loading) the teacher."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -194,3 +196,95 @@ def test_a_write_failure_after_the_pass_keeps_the_pass(accelerator, tiny_bert_qa
     assert np.allclose(start, ref_start, atol=1e-5) and np.allclose(end, ref_end, atol=1e-5)
     assert "writing cache entry" in caplog.text and "kept in memory" in caplog.text
     assert os.listdir(tmp_path) == []  # no half entry, no temp dir left
+
+
+# --------------------------------------------------------------------------------------------
+# Room on disk: the entry's size is stated before the pass, and a disk without room refused
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_stated_size_is_the_entry_size_on_disk(accelerator, tiny_bert_qa_dir, tmp_path, caplog):
+    cols = _columns(7, n=300, length=64)
+    with caplog.at_level("INFO", logger="kd.teacher_cache"):
+        _, _, info = teacher_cache.teacher_logits(accelerator, str(tiny_bert_qa_dir), cols, cache_dir=str(tmp_path),
+                                                  predict_logits=Spy())
+    (key,) = os.listdir(tmp_path)
+    real = sum(os.path.getsize(tmp_path / key / name) for name in os.listdir(tmp_path / key))
+    stated = info["teacher_cache_bytes"]
+    assert 0 <= stated - real <= 1024 and real > 2 * 300 * 64 * 4
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Teacher logits cache:")]
+    assert f"{stated / 1000:.1f} KB for 300 windows at 64 tokens" in line and "free there" in line
+
+
+def test_a_disk_without_room_is_refused_before_the_pass(accelerator, tiny_bert_qa_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(teacher_cache, "free_bytes", lambda path: 2000)
+    monkeypatch.setattr(transformers.AutoModelForQuestionAnswering, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the teacher was loaded though the disk has no room"))
+    spy = Spy()
+    with pytest.raises(teacher_cache.CacheSpaceError) as err:
+        teacher_cache.teacher_logits(accelerator, str(tiny_bert_qa_dir), _columns(8), cache_dir=str(cache),
+                                     predict_logits=spy)
+    message = str(err.value)
+    assert spy.calls == 0 and "\n" not in message
+    assert f"needs 3.2 KB for 10 windows at 24 tokens (float32 start and end logits) in {cache}" in message
+    assert "only 2.0 KB free" in message
+    assert "--teacher_cache_dir" in message and "KD_CACHE" in message and "free some space" in message
+    assert not cache.exists() or os.listdir(cache) == []
+
+
+SMALL_DISK = '''
+import os, shutil
+_real, _full = shutil.disk_usage, os.environ["TEST_FULL_DIR"]
+def _disk_usage(path):  # the file system of TEST_FULL_DIR has 4 KB free
+    usage = _real(path)
+    return usage._replace(free=4096) if os.path.abspath(path).startswith(_full) else usage
+shutil.disk_usage = _disk_usage
+'''
+
+
+def _train_prediction_on_a_small_disk(tmp_path, teacher, fixture, processes):
+    """train_prediction.py as users run it, on a file system (the cache dir's) that reports 4 KB free."""
+    from tests.helpers import REPO_ROOT, free_port, script_env
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SMALL_DISK)
+    cache = tmp_path / "cache"
+    (tmp_path / "status").mkdir()
+    env = dict(script_env(), PYTHONPATH=f"{site}{os.pathsep}{REPO_ROOT}", TEST_FULL_DIR=str(cache),
+               KD_WORKER_STATUS_DIR=str(tmp_path / "status"))
+    cmd = [sys.executable]
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    args = ["--model_name_or_path", teacher, "--teacher_name_or_path", teacher, "--train_file", fixture,
+            "--output_dir", tmp_path / "out", "--teacher_cache_dir", cache, "--features_cache_dir", tmp_path / "f",
+            "--max_seq_length", "128",
+            "--doc_stride", "48", "--max_query_length", "32", "--max_train_steps", "1"]
+    proc = subprocess.run(cmd + [str(REPO_ROOT / "train_prediction.py"), *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    return proc, cache
+
+
+def test_train_prediction_refuses_a_cache_disk_without_room(tiny_bert_qa_dir, squad_fixture_path, tmp_path):
+    proc, cache = _train_prediction_on_a_small_disk(tmp_path, tiny_bert_qa_dir, squad_fixture_path, 1)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (error,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert error.startswith("train_prediction.py: error: the teacher logits cache needs ")
+    assert f"in {cache}, but its file system has only 4.1 KB free" in error and "--teacher_cache_dir" in error
+    assert "Traceback" not in proc.stderr and "Teacher logits: cache miss" not in proc.stderr
+    assert os.listdir(cache) == []  # no entry, no temp dir
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_every_process_refuses_a_cache_disk_without_room(tiny_bert_qa_dir, squad_fixture_path, tmp_path):
+    """Only each node's first process writes (and checks); the others must stop as well, not wait in the pass."""
+    proc, cache = _train_prediction_on_a_small_disk(tmp_path, tiny_bert_qa_dir, squad_fixture_path, 2)
+    assert proc.returncode != 0
+    statuses = [(tmp_path / "status" / name).read_text() for name in os.listdir(tmp_path / "status")]
+    assert statuses == ["2", "2"], proc.stderr[-3000:]  # each worker's own exit status (kd.launcher.run_worker)
+    assert proc.stderr.count("train_prediction.py: error: the teacher logits cache needs") == 1
+    assert os.listdir(cache) == []
