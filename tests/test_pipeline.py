@@ -291,20 +291,23 @@ def _losses(log) -> list[int]:
 
 @pytest.mark.slow
 def test_a_killed_pipeline_leaves_no_trainer_behind_and_one_pipeline_holds_a_dir(tiny_bert_qa_dir, tmp_path):
-    recipe = _small_recipe(tmp_path, tiny_bert_qa_dir)
+    # enough steps that the teacher is still training after the second pipeline's start-up (seconds) below
+    steps = 120
+    recipe = _small_recipe(tmp_path, tiny_bert_qa_dir, steps=steps)
     out = tmp_path / "killed"
     first = _start(recipe, out)
     log = out / "teacher" / "train_log.jsonl"
     _wait_for(lambda: len(_losses(log)) >= 3, first, "3 training steps")
+    stage = psutil.Process(first.pid).children(recursive=True)  # the teacher's: launch.py, accelerate, the script
+    assert len(stage) >= 3, stage
 
     # a second pipeline on the same dir is refused at once, naming the first
     second = _run("--recipe", recipe, "--output_dir", out, check=False)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert f"is in use by another run (pid {first.pid} " in second.stderr
 
-    # kill -9 of the pipeline: its stage (launch.py, accelerate launch, the training script) stops with it
-    stage = psutil.Process(first.pid).children(recursive=True)
-    assert len(stage) >= 3, stage
+    # kill -9 of the pipeline while the teacher trains: its stage stops with it
+    assert all(p.is_running() for p in stage) and len(_losses(log)) < steps, "the teacher ended before the kill"
     first.kill()
     first.communicate()
     lock = os.open(out / "pipeline.lock", os.O_RDWR)
@@ -321,7 +324,7 @@ def test_a_killed_pipeline_leaves_no_trainer_behind_and_one_pipeline_holds_a_dir
     # the rerun, with the venv's bin not on PATH (the stage calls accelerate through this interpreter): each step
     # trained and logged once, and the teacher of an uninterrupted run
     _run("--recipe", recipe, "--output_dir", out, PATH="/usr/bin:/bin")
-    assert _losses(log) == list(range(1, 31))
+    assert _losses(log) == list(range(1, steps + 1))
     _run("--recipe", recipe, "--output_dir", tmp_path / "uninterrupted", PATH="/usr/bin:/bin")
     a, b = (load_file(d / "teacher" / "model.safetensors") for d in (out, tmp_path / "uninterrupted"))
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
